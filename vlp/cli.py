@@ -1,0 +1,118 @@
+"""The ``vlp`` command: parses arguments and dispatches; the work lives in the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from vlp.config import ConfigError
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train from a YAML config (torchrun: python -m vlp.train)")
+    p.add_argument("--config", help="YAML config file (configs/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--resume", help="`latest` or a checkpoint path (same as --set train.resume=...)")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="make shapes shards, train a tiny CLIP on CPU, evaluate, report")
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--steps", type=int, help="training steps (default: configs/demo.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _add_shards(sub) -> None:
+    p = sub.add_parser("shards", help="write WebDataset shards from a captions file or the shapes generator")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--synthetic", action="store_true", help="generate the synthetic shapes data")
+    src.add_argument("--captions", help="JSONL or CSV file: image path + caption [+ extra fields]")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--max-samples-per-shard", type=int, default=1000)
+    p.add_argument("--prefix", help="shard file prefix (default: shapes / data)")
+    g = p.add_argument_group("synthetic")
+    g.add_argument("--num-samples", type=int, default=10000)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--start-index", type=int, default=0, help="first sample index (held-out splits use another range)")
+    g.add_argument("--image-size", type=int, default=64)
+    g.add_argument("--single-group", action="store_true", help="one object group per image (zero-shot split)")
+    g = p.add_argument_group("captions file")
+    g.add_argument("--images-root", help="folder image paths are relative to (default: the captions file's)")
+    g.add_argument("--image-key", default="image")
+    g.add_argument("--caption-key", default="caption")
+    g.add_argument("--allow-outside-root", action="store_true", help="accept image paths outside --images-root")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlp", description="vision-language pretraining")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_demo(sub)
+    _add_shards(sub)
+    return parser
+
+
+def cmd_train(args) -> int:
+    from vlp.config import load_config
+    from vlp.train.trainer import Trainer
+
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
+    Trainer(cfg).train()
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from vlp.demo import run_demo
+
+    run_demo(args.out, steps=args.steps, overrides=args.overrides)
+    return 0
+
+
+def cmd_shards(args) -> int:
+    from vlp.data import shards
+
+    if args.synthetic:
+        info = shards.write_synthetic_shards(
+            args.out, args.num_samples, seed=args.seed, start_index=args.start_index, image_size=args.image_size,
+            single_group=args.single_group, max_samples_per_shard=args.max_samples_per_shard,
+            prefix=args.prefix or "shapes",
+        )
+    else:
+        info = shards.write_caption_shards(
+            args.captions, args.out, images_root=args.images_root, image_key=args.image_key,
+            caption_key=args.caption_key, max_samples_per_shard=args.max_samples_per_shard,
+            prefix=args.prefix or "data", allow_outside_root=args.allow_outside_root,
+        )
+    print(f"vlp: wrote {info['num_samples']} samples in {info['num_shards']} shard(s) to {args.out}")
+    print(f"vlp: use data.train_shards={args.out}/{info['shards']}")
+    if info.get("skipped"):
+        print(f"vlp: skipped rows: {info['skipped']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("root").setLevel(logging.WARNING)
+    handlers = {"train": cmd_train, "demo": cmd_demo, "shards": cmd_shards}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"vlp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        # data/config problems found before work starts carry their own actionable message
+        if type(e).__name__ in ("DataConfigError", "ShardError", "CheckpointError", "UnknownModelError"):
+            print(f"vlp {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,310 @@
+"""Typed configuration tree: YAML files plus ``--set a.b=c`` overrides.
+
+Every component receives only its own sub-config (``cfg.data``, ``cfg.train``, ...). Loading is
+strict: an unknown key, a wrong type or an invalid choice raises :class:`ConfigError` with one
+line naming the key, the file and what was expected. Field docs live in ``metadata["help"]`` and
+``docs/configuration.md`` is generated from them (a test keeps the two in sync).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any work starts."""
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("debug", "Architecture: an open_clip model name (`ViT-B-32`, `RN50`, ...) or a vlp one.")
+    pretrained: str = _f("", "Local open_clip or vlp checkpoint file to initialise from ('' = random).")
+    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "Autocast precision of the forward pass.")
+
+
+@dataclass
+class DataConfig:
+    train_shards: list[str] = _f([], "Training shard patterns (brace-expanded, e.g. `d/shapes-{000000..000009}.tar`).")
+    train_weights: list[float] = _f([], "Sampling weight of each `train_shards` entry (empty = equal).")
+    val_shards: list[str] = _f([], "Held-out shard patterns for evaluation.")
+    batch_size: int = _f(64, "Per-process batch size (global batch = batch_size x world size x accum_steps).")
+    workers: int = _f(2, "DataLoader worker processes per rank (0 = load in the training process).")
+    resampled: bool = _f(False, "Draw shards with replacement (seeded per rank/worker/epoch) instead of splitting.")
+    shuffle_buffer: int = _f(1000, "Sample shuffle buffer size per worker (0 = no sample shuffle).")
+    samples_per_epoch: int = _f(0, "Epoch length in samples (0 = read from the shards' sizes.json).")
+    train_crop_scale: list[float] = _f([0.9, 1.0], "RandomResizedCrop scale range for training images.")
+    max_image_pixels: int = _f(
+        50_000_000, "Images with more pixels are skipped and counted (decompression-bomb guard)."
+    )
+    image_keys: list[str] = _f(["jpg", "jpeg", "png", "webp"], "Sample fields tried for the image, in order.")
+    text_key: str = _f("txt", "Sample field holding the caption.")
+
+
+@dataclass
+class ContrastiveConfig:
+    weight: float = _f(1.0, "Weight of the contrastive term in the objective.")
+    impl: Literal["gather"] = _f("gather", "Implementation: `gather` (all-gather with exact gradients).")
+    label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy targets.")
+
+
+@dataclass
+class LossConfig:
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(1000, "Optimizer steps to run (ignored when `epochs` > 0).")
+    epochs: float = _f(0.0, "If > 0, run this many epochs of `data.samples_per_epoch` instead of `steps`.")
+    lr: float = _f(5e-4, "Peak learning rate.")
+    weight_decay: float = _f(0.1, "AdamW weight decay (not applied to gains, biases, logit scale).")
+    betas: list[float] = _f([0.9, 0.98], "AdamW betas.")
+    eps: float = _f(1e-6, "AdamW epsilon.")
+    warmup_steps: int = _f(100, "Linear warm-up steps before the cosine decay.")
+    min_lr_ratio: float = _f(0.0, "Final learning rate as a fraction of `lr`.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this value (0 = off).")
+    accum_steps: int = _f(
+        1, "Micro-batches per optimizer step; the contrastive loss spans all of them (exact, cached features)."
+    )
+    logit_scale_max: float = _f(100.0, "Upper clamp of the learned logit scale (as the multiplier).")
+    backend: Literal["single", "ddp"] = _f("single", "`single` process or `ddp` (set automatically by torchrun).")
+    dist_timeout_s: int = _f(1800, "Timeout of collective operations in seconds (a dead rank fails the others).")
+    output_dir: str = _f("runs/default", "Run folder: config, metrics.jsonl, TensorBoard, checkpoints.")
+    seed: int = _f(0, "Seed of the model init, data order and augmentation.")
+    checkpoint_every: int = _f(500, "Write a checkpoint every N steps (0 = only at the end).")
+    keep_checkpoints: int = _f(3, "Keep the newest N step checkpoints.")
+    log_every: int = _f(10, "Log loss and throughput every N steps.")
+    eval_every: int = _f(0, "Run the eval tasks every N steps (0 = only at the end).")
+    resume: str = _f("", "`latest` or a checkpoint path to resume from ('' = start fresh).")
+    device: str = _f("auto", "`auto` (cuda if available), `cpu` or `cuda`.")
+    progress: Literal["auto", "on", "off"] = _f("auto", "tqdm progress bar (`auto` = when stderr is a terminal).")
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = _f(["zeroshot_classification", "retrieval"], "Eval tasks run on `data.val_shards`.")
+    batch_size: int = _f(256, "Batch size of feature extraction.")
+    classnames: list[str] = _f([], "Class names for zero-shot (empty = from the val shards' _info.json).")
+    templates: list[str] = _f([], "Prompt templates with `{c}` (empty = from the val shards' _info.json).")
+    max_samples: int = _f(0, "Evaluate at most N val samples (0 = all).")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> Config:
+        """Value checks that types cannot express; raises ConfigError naming the key."""
+        checks = [
+            ("data.batch_size", self.data.batch_size >= 1, "must be >= 1"),
+            ("data.workers", self.data.workers >= 0, "must be >= 0"),
+            ("data.shuffle_buffer", self.data.shuffle_buffer >= 0, "must be >= 0"),
+            ("train.steps", self.train.steps >= 1 or self.train.epochs > 0, "must be >= 1"),
+            ("train.lr", self.train.lr > 0, "must be > 0"),
+            ("train.accum_steps", self.train.accum_steps >= 1, "must be >= 1"),
+            ("train.warmup_steps", self.train.warmup_steps >= 0, "must be >= 0"),
+            ("train.keep_checkpoints", self.train.keep_checkpoints >= 1, "must be >= 1"),
+            ("train.log_every", self.train.log_every >= 1, "must be >= 1"),
+            ("train.betas", len(self.train.betas) == 2, "must be two numbers, e.g. [0.9, 0.98]"),
+            ("data.train_crop_scale", len(self.data.train_crop_scale) == 2, "must be [min, max]"),
+            ("train.logit_scale_max", self.train.logit_scale_max > 1, "must be > 1"),
+        ]
+        if self.data.train_weights:
+            ok = len(self.data.train_weights) == len(self.data.train_shards)
+            checks.append(("data.train_weights", ok, "needs one weight per data.train_shards entry"))
+            checks.append(("data.train_weights", all(w > 0 for w in self.data.train_weights), "must be > 0"))
+        for key, ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"config key '{key}' = {_get(self, key)!r} {msg}")
+        return self
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _convert(value: Any, tp, key: str, where: str):
+    """Check/convert a parsed YAML value against a field type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+
+    def fail(expected: str):
+        raise ConfigError(f"{where}: key '{key}' expects {expected}, got {value!r} ({type(value).__name__})")
+
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            fail(f"a mapping of {tp.__name__} keys")
+        return _build(tp, value, key, where)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            fail(_type_name(tp))
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key, where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single shard pattern or number is a one-element list
+        if not isinstance(value, list):
+            fail(f"a list of {_type_name(item_tp)}")
+        return [_convert(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if tp in (int, float) and isinstance(value, str):
+        # YAML 1.1 reads `3e-4` (no dot) as a string; accept any numeric spelling
+        try:
+            value = float(value) if tp is float else int(value)
+        except ValueError:
+            fail("an integer" if tp is int else "a number")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            fail("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            fail("a string")
+        return str(value)
+    fail(_type_name(tp))
+
+
+def _build(cls, data: dict, prefix: str, where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        full = f"{prefix}.{k}" if prefix else str(k)
+        if k not in hints:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{full}'{hint}; valid keys: {', '.join(names)}")
+        kwargs[k] = _convert(v, hints[k], full, where)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _parse_set(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Build a Config from an optional YAML file and ``a.b=c`` overrides.
+
+    Raises:
+        ConfigError: missing file, bad YAML, unknown key, wrong type, invalid value.
+    """
+    data: dict = {}
+    where = "defaults"
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections (model, data, train, ...)")
+        where = str(p)
+    cfg = _build(Config, data, "", where)
+    for item in overrides:
+        keys, value = _parse_set(item)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        data = _merge(data, nested)
+        cfg = _build(Config, data, "", f"--set {item}")
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'defaults'}: {e}") from None
+
+
+def config_from_dict(data: dict, where: str = "checkpoint") -> Config:
+    """Rebuild a Config saved by :meth:`Config.to_dict` (e.g. from a checkpoint)."""
+    return _build(Config, data, "", where)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def config_reference() -> str:
+    """Markdown table of every key, its type, default and meaning (docs/configuration.md)."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        lines += _section_table(section.name, section.type if not isinstance(section.type, str) else None)
+    return "\n".join(lines) + "\n"
+
+
+def _section_table(prefix: str, cls) -> list[str]:
+    cls = cls or typing.get_type_hints(Config)[prefix]
+    hints = typing.get_type_hints(cls)
+    rows, subs = [], []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            subs.append((f"{prefix}.{f.name}", tp))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        tname = _type_name(tp).replace("|", "\\|")
+        rows.append(f"| `{prefix}.{f.name}` | {tname} | `{default!r}` | {f.metadata.get('help', '')} |")
+    out = []
+    if rows:
+        out += [f"## `{prefix}`", "", "| key | type | default | meaning |", "|---|---|---|---|", *rows, ""]
+    for name, tp in subs:
+        out += _section_table(name, tp)
+    return out

@@ -1,0 +1,1 @@
+"""Data: shard writing and streaming, synthetic shapes, transforms, tokenization."""

@@ -1,0 +1,124 @@
+"""Turn raw WebDataset samples (dicts of bytes) into training samples, skipping bad ones.
+
+Bad data never stops a run: each problem is counted by kind in a :class:`SkipCounter` that
+travels with the batches to the training process, which reports the totals in its metrics.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# Kinds of skipped or repaired data, in the order they are reported.
+SKIP_KINDS = (
+    "shard_error",  # unreadable or truncated tar: the rest of that shard is skipped
+    "missing_image",
+    "corrupt_image",  # zero bytes, undecodable or truncated image data
+    "image_too_large",  # more pixels than data.max_image_pixels
+    "missing_caption",
+    "empty_caption",
+    "bad_caption_encoding",  # not UTF-8
+    "bad_json",  # metadata that is not a JSON object: sample kept, metadata dropped
+)
+
+
+class SkipCounter:
+    """Counts skipped samples by kind; ``drain()`` returns and resets the counts since last drain."""
+
+    def __init__(self, examples_per_kind: int = 3):
+        self.counts: Counter = Counter()
+        self._pending: Counter = Counter()
+        self._examples: dict[str, int] = Counter()
+        self._limit = examples_per_kind
+
+    def add(self, kind: str, where: str = "", detail: str = "") -> None:
+        self.counts[kind] += 1
+        self._pending[kind] += 1
+        if self._examples[kind] < self._limit:
+            self._examples[kind] += 1
+            log.warning("skipped bad data (%s) at %s: %s", kind, where or "?", detail[:200])
+
+    def drain(self) -> dict[str, int]:
+        out = dict(self._pending)
+        self._pending.clear()
+        return out
+
+
+@dataclass
+class DecodeOptions:
+    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    text_key: str = "txt"
+    max_image_pixels: int = 50_000_000
+
+
+def _where(raw: dict) -> str:
+    return f"{raw.get('__url__', '?')}#{raw.get('__key__', '?')}"
+
+
+def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image | None, str]:
+    """Decode to RGB, checking the size from the header before decoding pixels."""
+    if not data:
+        return None, "corrupt_image"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                return None, "image_too_large"
+            return im.convert("RGB"), ""
+    except Image.DecompressionBombError:
+        return None, "image_too_large"
+    except Exception:
+        return None, "corrupt_image"
+
+
+def decode_caption(data) -> tuple[str | None, str]:
+    if data is None:
+        return None, "missing_caption"
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "bad_caption_encoding"
+    text = data.strip()
+    if not text:
+        return None, "empty_caption"
+    return text, ""
+
+
+def decode_sample(raw: dict, opts: DecodeOptions, skips: SkipCounter) -> dict | None:
+    """Raw sample -> ``{"image": PIL RGB, "text": str, "json": dict, "__key__": str}`` or None."""
+    image_bytes = next((raw[k] for k in opts.image_keys if k in raw), None)
+    if image_bytes is None:
+        skips.add("missing_image", _where(raw), f"fields present: {sorted(k for k in raw if not k.startswith('__'))}")
+        return None
+    text, problem = decode_caption(raw.get(opts.text_key))
+    if problem:
+        skips.add(problem, _where(raw))
+        return None
+    image, problem = decode_image(image_bytes, opts.max_image_pixels)
+    if problem:
+        skips.add(problem, _where(raw), f"{len(image_bytes)} bytes")
+        return None
+    meta = {}
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"])
+            if not isinstance(meta, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            skips.add("bad_json", _where(raw))
+            meta = {}
+    if "cls" in raw:
+        # WebDataset's class-label convention: an integer in a ``cls`` member
+        try:
+            meta["cls"] = int(raw["cls"].decode() if isinstance(raw["cls"], bytes) else raw["cls"])
+        except ValueError:
+            skips.add("bad_json", _where(raw), "cls is not an integer")
+    return {"image": image, "text": text, "json": meta, "__key__": raw.get("__key__", "")}

@@ -1,0 +1,397 @@
+"""Write WebDataset tar shards from the synthetic shapes generator or from a captions file.
+
+A folder gets ``{prefix}-NNNNNN.tar`` shards, ``sizes.json`` ({shard basename: samples}) and
+``_info.json``. Everything is written under a temporary name and renamed into place, so a
+crash never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from vlp.data import synthetic
+
+logger = logging.getLogger(__name__)
+
+SIZES_FILE = "sizes.json"
+INFO_FILE = "_info.json"
+SKIP_KINDS = ("missing_image", "empty_caption", "unreadable_image", "outside_root", "unsupported_format")
+# PIL format name -> extension stored in the shard (the bytes are copied, not re-encoded).
+IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+CAPTION_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv")
+MAX_SKIP_WARNINGS = 5
+# A fixed member mtime makes synthetic shards byte-identical across runs.
+_FIXED_MTIME = 0
+
+
+class ShardError(ValueError):
+    """A fatal problem with the inputs of a shard-writing job (message names file/column)."""
+
+
+def _atomic_write_json(path: Path, obj: dict) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temporary sibling file + os.replace."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def shard_name(prefix: str, i: int) -> str:
+    """Basename of shard ``i``: ``{prefix}-{i:06d}.tar``."""
+    return f"{prefix}-{i:06d}.tar"
+
+
+def brace_pattern(prefix: str, num_shards: int) -> str:
+    """Brace pattern covering shards 0..num_shards-1, e.g. ``data-{000000..000009}.tar``."""
+    if num_shards <= 0:
+        return ""
+    return f"{prefix}-{{{0:06d}..{num_shards - 1:06d}}}.tar"
+
+
+def _write_samples(
+    samples: Iterable[dict], out_dir: Path, prefix: str, max_per_shard: int, mtime: int
+) -> dict[str, int]:
+    """Write encoded samples (``__key__`` + bytes fields) into shards of <= max_per_shard.
+
+    Returns {shard basename: samples}. Raises ValueError if max_per_shard < 1.
+    """
+    if max_per_shard < 1:
+        raise ValueError(f"max_samples_per_shard must be >= 1, got {max_per_shard}")
+    sizes: dict[str, int] = {}
+    it = iter(samples)
+    while (first := next(it, None)) is not None:
+        name = shard_name(prefix, len(sizes))
+        tmp = out_dir / (name + ".tmp")
+        count = 0
+        try:
+            # An integer mtime matters: tarfile adds a 1 KiB PAX header to every member whose
+            # mtime is a float (webdataset's default, time.time()), doubling small shards.
+            with wds.TarWriter(str(tmp), encoder=False, mtime=mtime) as writer:
+                for sample in itertools.chain([first], itertools.islice(it, max_per_shard - 1)):
+                    writer.write(sample)
+                    count += 1
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, out_dir / name)
+        sizes[name] = count
+    return sizes
+
+
+def _remove_stale_shards(out_dir: Path, prefix: str, keep: dict[str, int]) -> None:
+    """Delete ``{prefix}-NNNNNN.tar`` files from an earlier, larger run (readers may glob)."""
+    pattern = re.compile(re.escape(prefix) + r"-\d{6}\.tar")
+    for path in out_dir.iterdir():
+        if pattern.fullmatch(path.name) and path.name not in keep:
+            logger.info("removing stale shard %s", path)
+            path.unlink()
+
+
+def _finalize(out_dir: Path, prefix: str, sizes: dict[str, int], info: dict) -> dict:
+    """Write sizes.json and _info.json (atomically) and return the full info dict."""
+    _remove_stale_shards(out_dir, prefix, sizes)
+    full = {
+        "num_samples": sum(sizes.values()),
+        "num_shards": len(sizes),
+        "shards": brace_pattern(prefix, len(sizes)),
+        **info,
+    }
+    _atomic_write_json(out_dir / SIZES_FILE, sizes)
+    _atomic_write_json(out_dir / INFO_FILE, full)
+    return full
+
+
+def read_sizes(path_or_dir: str | os.PathLike) -> dict[str, int]:
+    """Read ``sizes.json`` ({shard basename: num samples}).
+
+    ``path_or_dir`` is the shard folder, the sizes.json file itself, or any file in the
+    folder (a shard, _info.json). Raises FileNotFoundError when there is no sizes.json.
+    """
+    path = Path(path_or_dir)
+    if path.is_dir():
+        path = path / SIZES_FILE
+    elif path.name != SIZES_FILE:
+        path = path.parent / SIZES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {SIZES_FILE} at {path}")
+    with open(path, encoding="utf-8") as f:
+        return {str(k): int(v) for k, v in json.load(f).items()}
+
+
+def _synthetic_up_to_date(out_dir: Path, params: dict) -> dict | None:
+    """Return the existing info if it was written with ``params`` and every shard is there."""
+    try:
+        with open(out_dir / INFO_FILE, encoding="utf-8") as f:
+            info = json.load(f)
+        sizes = read_sizes(out_dir)
+    except (OSError, ValueError):
+        return None
+    if any(info.get(k) != v for k, v in params.items()) or len(sizes) != info.get("num_shards"):
+        return None
+    if sum(sizes.values()) != info["num_samples"] or not all((out_dir / n).is_file() for n in sizes):
+        return None
+    return info
+
+
+def _synthetic_samples(
+    seed: int, start: int, count: int, image_size: int, single_group: bool, progress: bool
+) -> Iterator[dict]:
+    """Encoded synthetic samples (png, txt, json) for indices start .. start+count-1."""
+    scenes = synthetic.iter_scenes(seed, start, count, image_size=image_size, single_group=single_group)
+    for scene in tqdm(scenes, total=count, disable=None if progress else True, desc="shapes", unit="img"):
+        buf = io.BytesIO()
+        scene.image.save(buf, format="PNG")
+        yield {
+            "__key__": f"{scene.meta['index']:09d}",
+            "png": buf.getvalue(),
+            "txt": scene.caption.encode("utf-8"),
+            "json": json.dumps(scene.meta).encode("utf-8"),
+        }
+
+
+def write_synthetic_shards(
+    out_dir: str | os.PathLike,
+    num_samples: int,
+    *,
+    seed: int = 0,
+    start_index: int = 0,
+    image_size: int = 64,
+    single_group: bool = False,
+    max_samples_per_shard: int = 1000,
+    prefix: str = "shapes",
+    progress: bool = True,
+) -> dict:
+    """Write ``num_samples`` synthetic shapes scenes (indices start_index..) as shards.
+
+    Idempotent: when ``out_dir/_info.json`` records the same parameters and all its shards
+    exist, nothing is written and the stored info is returned.
+
+    Returns:
+        The _info.json dict: num_samples, num_shards, shards (brace pattern relative to
+        out_dir), source="synthetic", skipped={}, the generation parameters, classnames
+        (zeroshot_classnames()) and templates (ZEROSHOT_TEMPLATES).
+
+    Raises:
+        ValueError: num_samples < 1, max_samples_per_shard < 1, or bad seed/index/size.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    out = Path(out_dir)
+    params = {
+        "source": "synthetic",
+        "num_samples": int(num_samples),
+        "seed": int(seed),
+        "start_index": int(start_index),
+        "image_size": int(image_size),
+        "single_group": bool(single_group),
+        "max_samples_per_shard": int(max_samples_per_shard),
+        "prefix": prefix,
+        "generator_version": synthetic.SYNTHETIC_VERSION,
+    }
+    if out.is_dir():
+        existing = _synthetic_up_to_date(out, params)
+        if existing is not None:
+            logger.info("shards in %s are up to date; not rewriting", out)
+            return existing
+    out.mkdir(parents=True, exist_ok=True)
+    # Drop the old info first so an interrupted rewrite is never mistaken for complete.
+    (out / INFO_FILE).unlink(missing_ok=True)
+    samples = _synthetic_samples(seed, start_index, num_samples, image_size, single_group, progress)
+    sizes = _write_samples(samples, out, prefix, max_samples_per_shard, _FIXED_MTIME)
+    extra = {k: v for k, v in params.items() if k != "num_samples"}
+    extra.update(classnames=synthetic.zeroshot_classnames(), templates=list(synthetic.ZEROSHOT_TEMPLATES))
+    return _finalize(out, prefix, sizes, {"skipped": {}, **extra})
+
+
+def _csv_rows(path: Path, delimiter: str, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+    """(line number, row dict) per CSV data row; ShardError on a missing column or bad line."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        header = reader.fieldnames or []
+        for column in required:
+            if column not in header:
+                raise ShardError(f"{path}: column {column!r} not in the header; columns found: {header}")
+        try:
+            for row in reader:
+                # Cells beyond the header land under the key None; they have no name to keep.
+                yield reader.line_num, {k: v for k, v in row.items() if k is not None}
+        except csv.Error as e:
+            raise ShardError(f"{path}:{reader.line_num}: malformed CSV: {e}") from None
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) per non-blank line; ShardError on malformed JSON or a non-object."""
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ShardError(f"{path}:{lineno}: malformed JSON: {e.msg}") from None
+            if not isinstance(item, dict):
+                raise ShardError(f"{path}:{lineno}: expected a JSON object, got {type(item).__name__}")
+            yield lineno, item
+
+
+def _caption_rows(path: Path, image_key: str, caption_key: str) -> Iterator[tuple[int, dict]]:
+    """Rows of a .jsonl/.json/.csv/.tsv captions file; ShardError on fatal input problems."""
+    if not path.is_file():
+        raise ShardError(f"captions file not found: {path}")
+    ext = path.suffix.lower()
+    if ext not in CAPTION_EXTENSIONS:
+        raise ShardError(f"{path}: unknown captions file extension {ext!r}; expected {CAPTION_EXTENSIONS}")
+    if ext in (".csv", ".tsv"):
+        return _csv_rows(path, "\t" if ext == ".tsv" else ",", (image_key, caption_key))
+    return _jsonl_rows(path)
+
+
+def _resolve_image(value, root: Path, allow_outside_root: bool) -> tuple[Path | None, str | None]:
+    """Resolve an image path against ``root``; returns (path, None) or (None, skip kind)."""
+    if not isinstance(value, str) or not value.strip():
+        return None, "missing_image"
+    path = Path(value.strip()).expanduser()
+    # resolve() follows symlinks, so a link inside root that points outside is caught too.
+    path = (path if path.is_absolute() else root / path).resolve()
+    if not allow_outside_root and not path.is_relative_to(root):
+        return None, "outside_root"
+    if not path.is_file():
+        return None, "missing_image"
+    return path, None
+
+
+def _read_image(path: Path) -> tuple[bytes | None, str]:
+    """Original bytes and shard extension of an image, or (None, skip kind)."""
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format
+            im.verify()
+        # verify() does not decode pixel data (truncated JPEGs pass), so decode once too.
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    # UnidentifiedImageError is an OSError; broken files also raise SyntaxError/ValueError.
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None, "unreadable_image"
+    if fmt not in IMAGE_FORMATS:
+        return None, "unsupported_format"
+    return data, IMAGE_FORMATS[fmt]
+
+
+def _caption_sample(
+    key: int, row: dict, root: Path, image_key: str, caption_key: str, allow_outside_root: bool
+) -> tuple[dict | None, str | None]:
+    """Encoded sample for one captions row, or (None, skip kind)."""
+    caption = row.get(caption_key)
+    caption = caption.strip() if isinstance(caption, str) else ""
+    if not caption:
+        return None, "empty_caption"
+    path, kind = _resolve_image(row.get(image_key), root, allow_outside_root)
+    if path is None:
+        return None, kind
+    data, ext = _read_image(path)
+    if data is None:
+        return None, ext
+    extra = {k: v for k, v in row.items() if k not in (image_key, caption_key)}
+    sample = {"__key__": f"{key:09d}", ext: data, "txt": caption.encode("utf-8")}
+    sample["json"] = json.dumps(extra, ensure_ascii=False).encode("utf-8")
+    return sample, None
+
+
+def _report_skips(source: Path, total: int, counts: Counter, examples: list[str]) -> dict[str, int]:
+    """Log one warning naming the first skipped rows; return {kind: count} for every kind."""
+    if counts:
+        logger.warning(
+            "skipped %d of %d rows of %s (%s); first: %s",
+            sum(counts.values()), total, source, dict(counts), "; ".join(examples),
+        )  # fmt: skip
+    return {kind: counts.get(kind, 0) for kind in SKIP_KINDS}
+
+
+def _caption_samples(
+    source: Path, root: Path, keys: tuple[str, str], allow_outside_root: bool, progress: bool, stats: dict
+) -> Iterator[dict]:
+    """Encoded samples of every usable row; fills stats["skipped"|"examples"|"formats"]."""
+    image_key, caption_key = keys
+    rows = _caption_rows(source, image_key, caption_key)
+    for key, (lineno, row) in enumerate(tqdm(rows, total=stats["total"], disable=None if progress else True, desc="pack")):
+        sample, kind = _caption_sample(key, row, root, image_key, caption_key, allow_outside_root)
+        if sample is None:
+            stats["skipped"][kind] += 1
+            if len(stats["examples"]) < MAX_SKIP_WARNINGS:
+                stats["examples"].append(f"line {lineno}: {kind} ({row.get(image_key)!r})")
+            continue
+        stats["formats"][next(k for k in sample if k in IMAGE_FORMATS.values())] += 1
+        yield sample
+
+
+def write_caption_shards(
+    captions_file: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    images_root: str | os.PathLike | None = None,
+    image_key: str = "image",
+    caption_key: str = "caption",
+    max_samples_per_shard: int = 1000,
+    prefix: str = "data",
+    progress: bool = True,
+    allow_outside_root: bool = False,
+) -> dict:
+    """Pack (image, caption) rows of a JSONL/CSV/TSV file into shards, copying image bytes.
+
+    Image paths are relative to ``images_root`` (default: the captions file's folder) or
+    absolute. A sample's key is its 0-based row number; its ``json`` holds the row's other
+    fields. Rows with a missing/blank caption or a missing, unreadable, unsupported (not
+    JPEG/PNG/WebP) or outside-root image are skipped, counted and logged.
+
+    Returns:
+        The _info.json dict: num_samples, num_shards, shards, source="captions",
+        skipped={kind: count}, num_rows, formats={ext: count}, captions_file, images_root,
+        image_key, caption_key, max_samples_per_shard, prefix.
+
+    Raises:
+        ShardError: captions file missing, unknown extension, CSV header lacking a column,
+            malformed JSON/CSV line, or no usable row at all.
+    """
+    source = Path(captions_file).expanduser().resolve()
+    root = Path(images_root).expanduser().resolve() if images_root is not None else source.parent
+    # A first pass validates the whole file (fatal errors stop before anything is written)
+    # and gives the progress bar its total.
+    total = sum(1 for _ in _caption_rows(source, image_key, caption_key))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / INFO_FILE).unlink(missing_ok=True)
+    stats = {"total": total, "skipped": Counter(), "examples": [], "formats": Counter()}
+    samples = _caption_samples(source, root, (image_key, caption_key), allow_outside_root, progress, stats)
+    sizes = _write_samples(samples, out, prefix, max_samples_per_shard, int(time.time()))
+    skipped = _report_skips(source, total, stats["skipped"], stats["examples"])
+    if not sizes:
+        raise ShardError(f"{source}: no usable rows out of {total}; skipped: {skipped}")
+    info = {
+        "source": "captions",
+        "skipped": skipped,
+        "num_rows": total,
+        "formats": dict(stats["formats"]),
+        "captions_file": str(source),
+        "images_root": str(root),
+        "image_key": image_key,
+        "caption_key": caption_key,
+        "max_samples_per_shard": int(max_samples_per_shard),
+        "prefix": prefix,
+    }
+    return _finalize(out, prefix, sizes, info)

@@ -1,0 +1,257 @@
+"""The WebDataset stream: shards -> readers -> shuffle -> mix -> decode -> augment -> batch.
+
+Determinism and exact resume: every random choice (shard order, shuffle buffer, source mixing,
+augmentation) is seeded from (seed, reader, epoch, position), never from process state. Each
+batch carries the position of its reader after it was made (``_state``); the training process
+keeps the position of the last batch it *consumed* from each reader, and a resumed run replays
+every reader to that position (reading tar bytes, no decoding) and rotates the reader slots so
+the DataLoader's round-robin continues with the same reader. A resumed run therefore sees
+exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vlp.data.decode import DecodeOptions, SkipCounter, decode_sample
+from vlp.data.shardlists import reader_shards
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamSpec:
+    """What to stream: ``sources`` are lists of shard urls mixed with ``weights``."""
+
+    sources: list[list[str]]
+    batch_size: int
+    weights: list[float] = field(default_factory=list)
+    seed: int = 0
+    rank: int = 0
+    world: int = 1
+    resampled: bool = False
+    shuffle_buffer: int = 1000
+    infinite: bool = True  # False: one pass over epoch 0, partial last batch kept (evaluation)
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
+
+
+def _shard_samples(url: str, skips: SkipCounter) -> Iterator[dict]:
+    """Samples of one tar shard; a read error skips the rest of the shard and is counted once."""
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    def reraise(exn):
+        raise exn
+
+    def with_url(files):
+        for f in files:
+            f["__url__"] = url
+            yield f
+
+    try:
+        stream = gopen(url)
+        try:
+            yield from group_by_keys(with_url(tar_file_iterator(stream, handler=reraise)), handler=reraise)
+        finally:
+            stream.close()
+    except Exception as exn:  # noqa: BLE001 - any failure of a shard is data, not a bug
+        skips.add("shard_error", url, repr(exn))
+
+
+class _SourceReader:
+    """Raw samples of one source for one reader, epoch after epoch, from a replayable position."""
+
+    def __init__(self, urls, spec: StreamSpec, reader: int, readers: int, skips, epoch=0, consumed=0):
+        self.urls, self.spec, self.reader, self.readers, self.skips = urls, spec, reader, readers, skips
+        self.epoch, self.consumed = epoch, consumed
+
+    def _epoch_samples(self, epoch: int) -> Iterator[dict]:
+        spec = self.spec
+        shards = reader_shards(
+            self.urls, epoch=epoch, reader=self.reader, readers=self.readers, seed=spec.seed,
+            resampled=spec.resampled, shuffle=spec.infinite,
+        )
+        raw = (s for url in shards for s in _shard_samples(url, self.skips))
+        if spec.shuffle_buffer <= 1 or not spec.infinite:
+            return raw
+        from webdataset.filters import _shuffle
+
+        rng = random.Random(f"samples/{spec.seed}/{self.reader}/{epoch}")
+        return _shuffle(raw, bufsize=spec.shuffle_buffer, initial=spec.shuffle_buffer, rng=rng)
+
+    def __iter__(self):
+        epoch, skip = self.epoch, self.consumed
+        while True:
+            seen = 0
+            for i, raw in enumerate(self._epoch_samples(epoch)):
+                seen += 1
+                if i < skip:
+                    continue  # replaying to the resume position: no decode
+                self.epoch, self.consumed = epoch, i + 1
+                yield raw
+            if not self.spec.infinite:
+                return
+            if seen == 0:
+                raise RuntimeError(
+                    f"reader {self.reader} read no samples in a whole epoch of {len(self.urls)} shard(s) "
+                    f"(first: {self.urls[0]}); every shard it was given is empty or unreadable"
+                )
+            epoch, skip = epoch + 1, 0
+            self.epoch, self.consumed = epoch, 0
+
+
+class _Mixer:
+    """Draw each sample's source by weight from a seeded generator; replayable by draw count."""
+
+    def __init__(self, sources: list[_SourceReader], weights: list[float], seed: int, reader: int, draws=0):
+        self.sources, self.weights, self.draws = sources, weights or [1.0] * len(sources), draws
+        self.rng = random.Random(f"mix/{seed}/{reader}")
+
+    def __iter__(self):
+        iters = [iter(s) for s in self.sources]
+        if len(iters) == 1:
+            for raw in iters[0]:
+                yield 0, raw
+            return
+        idx = range(len(iters))
+        for _ in range(self.draws):
+            self.rng.choices(idx, self.weights)
+        while True:
+            i = self.rng.choices(idx, self.weights)[0]
+            self.draws += 1
+            try:
+                yield i, next(iters[i])
+            except StopIteration:
+                return
+
+    def state(self) -> dict:
+        return {"sources": [(s.epoch, s.consumed) for s in self.sources], "draws": self.draws}
+
+
+class ShardStream(IterableDataset):
+    """Batches of ``{"image": Bx3xHxW, "text": BxL, "caption": [str], "json": [dict], ...}``.
+
+    ``start`` maps a reader slot (worker index) to its saved position; ``slot_offset`` rotates
+    which slot DataLoader worker 0 plays (see the module docstring).
+    """
+
+    def __init__(self, spec: StreamSpec, transform: Callable, tokenizer: Callable, start=None, slot_offset=0):
+        self.spec, self.transform, self.tokenizer = spec, transform, tokenizer
+        self.start, self.slot_offset = start or {}, slot_offset
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers = info.num_workers if info else 1
+        slot = ((info.id if info else 0) + self.slot_offset) % workers
+        reader, readers = self.spec.rank * workers + slot, self.spec.world * workers
+        state = self.start.get(slot) or {"sources": [(0, 0)] * len(self.spec.sources), "draws": 0, "batches": 0}
+        skips = SkipCounter()
+        readers_ = [
+            _SourceReader(urls, self.spec, reader, readers, skips, *state["sources"][i])
+            for i, urls in enumerate(self.spec.sources)
+        ]
+        mixer = _Mixer(readers_, self.spec.weights, self.spec.seed, reader, state["draws"])
+        batches = state["batches"]
+        samples = self._samples(mixer, readers_, skips)
+        while True:
+            # augmentation randomness is a function of (seed, reader, batch index): exact on resume,
+            # and isolated from the training process's RNG when loading in-process
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash((self.spec.seed, reader, batches)) & 0x7FFF_FFFF_FFFF)
+                batch = [self._transform(s) for s in itertools.islice(samples, self.spec.batch_size)]
+            if len(batch) < self.spec.batch_size and self.spec.infinite:
+                return
+            batches += 1
+            if batch or skips.counts:
+                yield self._collate(batch, slot, {**mixer.state(), "batches": batches}, skips.drain())
+            if len(batch) < self.spec.batch_size:
+                return
+
+    def _samples(self, mixer, readers, skips):
+        for i, raw in mixer:
+            sample = decode_sample(raw, self.spec.decode, skips)
+            if sample is not None:
+                sample["_epoch"] = readers[i].epoch
+                yield sample
+
+    def _transform(self, sample):
+        sample["image"] = self.transform(sample["image"])
+        return sample
+
+    def _collate(self, samples, slot, state, skipped) -> dict:
+        captions = [s["text"] for s in samples]
+        images = torch.stack([s["image"] for s in samples]) if samples else torch.empty(0)
+        return {
+            "image": images,
+            "text": self.tokenizer(captions) if samples else torch.empty(0, dtype=torch.long),
+            "caption": captions,
+            "json": [s["json"] for s in samples],
+            "__key__": [s["__key__"] for s in samples],
+            "_epoch": [s["_epoch"] for s in samples],
+            "_slot": slot,
+            "_state": state,
+            "_skipped": skipped,
+        }
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # workers decode; the training process owns the cores' BLAS threads
+
+
+class StreamLoader:
+    """Iterates a ShardStream through a DataLoader, tracking the position and skipped data."""
+
+    def __init__(self, spec: StreamSpec, transform, tokenizer, workers: int, state: dict | None = None):
+        self.spec, self.workers = spec, workers
+        nslots = max(workers, 1)
+        self.slots: dict[int, dict] = {}
+        self.next_slot = 0
+        self.skipped: Counter = Counter()
+        if state:
+            self._restore(state, nslots)
+        self.dataset = ShardStream(spec, transform, tokenizer, dict(self.slots), self.next_slot)
+        self._loader = DataLoader(
+            self.dataset, batch_size=None, num_workers=workers, worker_init_fn=_worker_init if workers else None,
+            pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
+            persistent_workers=False,
+        )
+
+    def _restore(self, state: dict, nslots: int) -> None:
+        self.skipped.update(state.get("skipped", {}))
+        if state.get("workers") == nslots and state.get("world") == self.spec.world:
+            self.slots = {int(k): v for k, v in state["slots"].items()}
+            self.next_slot = int(state["next_slot"])
+            return
+        epochs = [src[0] for v in state.get("slots", {}).values() for src in v["sources"]]
+        epoch = max(epochs, default=0) + 1
+        log.warning(
+            "data position was saved with %s rank(s) x %s worker(s); now %s x %s: it cannot be replayed "
+            "exactly, so every reader starts epoch %d",
+            state.get("world"), state.get("workers"), self.spec.world, nslots, epoch,
+        )
+        fresh = {"sources": [(epoch, 0)] * len(self.spec.sources), "draws": 0, "batches": 0}
+        self.slots = {s: fresh for s in range(nslots)}
+
+    def __iter__(self):
+        nslots = max(self.workers, 1)
+        for batch in self._loader:
+            self.slots[batch.pop("_slot")] = batch.pop("_state")
+            self.next_slot = (self.next_slot + 1) % nslots
+            self.skipped.update(batch.pop("_skipped"))
+            if len(batch["caption"]) == 0:
+                continue  # a reader's last message carried only skip counts
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {
+            "world": self.spec.world, "workers": max(self.workers, 1), "next_slot": self.next_slot,
+            "slots": {str(k): v for k, v in self.slots.items()}, "skipped": dict(self.skipped),
+        }

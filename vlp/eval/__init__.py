@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot classification and retrieval metrics (CLIP_benchmark definitions)."""

@@ -1,0 +1,6 @@
+"""Losses: pure functions of features and an explicit process group, plus the Objective."""
+
+from vlp.losses.contrastive import clip_loss
+from vlp.losses.objective import Objective
+
+__all__ = ["Objective", "clip_loss"]

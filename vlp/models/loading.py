@@ -1,0 +1,131 @@
+"""Loading weights: vlp checkpoints, open_clip checkpoint files, safetensors.
+
+Everything is read with ``torch.load(weights_only=True)`` or safetensors: a file that would need
+to execute code to load is refused.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_FORMAT = "vlp-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is unreadable, unsafe or does not fit the model."""
+
+
+def read_file(path: str | Path, map_location="cpu") -> dict:
+    """Read a checkpoint file safely; raises FileNotFoundError or CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device=str(map_location))
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load: it holds objects other than tensors and plain containers, "
+            f"which could run code (weights_only=True). Detail: {str(e).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: truncated or not a torch checkpoint ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return obj
+
+
+def is_vlp_checkpoint(obj: dict) -> bool:
+    return obj.get("format") == CHECKPOINT_FORMAT
+
+
+def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:
+    """The model state dict of a vlp checkpoint, an open_clip file (``state_dict`` wrapped or
+    bare) or a DDP/compiled model (``module.`` / ``_orig_mod.`` prefixes stripped)."""
+    if is_vlp_checkpoint(obj):
+        sd = obj["model"]
+    elif "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        sd = obj["state_dict"]
+    else:
+        sd = obj
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix) :]
+        out[k] = v
+    return out
+
+
+def load_state_dict_checked(model: torch.nn.Module, sd: dict, source, model_name: str = "") -> None:
+    """Load ``sd`` into ``model`` strictly; on mismatch raise CheckpointError saying what differs."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{len(wrong)} with other shapes (e.g. {k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)})"
+            )
+        raise CheckpointError(
+            f"{source}: weights do not fit architecture '{model_name or type(model).__name__}': "
+            + "; ".join(parts)
+            + ". Is --model / model.name the architecture the file was trained with?"
+        )
+    model.load_state_dict(sd, strict=True)
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, model_name: str = "") -> None:
+    """Load a checkpoint file's weights into ``model`` (strict, actionable error on mismatch)."""
+    load_state_dict_checked(model, extract_state_dict(read_file(path)), path, model_name)
+
+
+def load_model(path_or_name: str, model_name: str | None = None, device: str = "cpu"):
+    """Load a model for inference.
+
+    ``path_or_name`` is a vlp checkpoint (architecture read from its config), an open_clip
+    checkpoint or safetensors file (``model_name`` required), or an architecture name
+    (random init). Returns ``(model, preprocess, tokenizer)``: ``model.encode_image(pixels)`` and
+    ``model.encode_text(token_ids)`` return L2-normalised features, ``preprocess`` maps a PIL
+    image to a 3xHxW tensor, ``tokenizer(list[str])`` returns token ids.
+    """
+    from vlp.data.tokenizer import get_tokenizer
+    from vlp.data.transforms import eval_transform
+    from vlp.models.registry import build_model, image_size
+
+    path = Path(path_or_name)
+    if path.is_file():
+        obj = read_file(path)
+        if is_vlp_checkpoint(obj):
+            name = model_name or obj["config"]["model"]["name"]
+        elif not model_name:
+            raise CheckpointError(
+                f"{path} is not a vlp checkpoint: pass model_name (the open_clip architecture, e.g. 'ViT-B-32')"
+            )
+        else:
+            name = model_name
+        model, mean, std = build_model(name)
+        load_state_dict_checked(model, extract_state_dict(obj), path, name)
+    elif model_name is None and "/" not in str(path_or_name) and not path.suffix:
+        name = str(path_or_name)
+        model, mean, std = build_model(name)
+    else:
+        raise FileNotFoundError(f"checkpoint not found: {path_or_name}")
+    model = model.to(device).eval()
+    return model, eval_transform(image_size(model), mean, std), get_tokenizer(name)

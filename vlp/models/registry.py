@@ -1,0 +1,111 @@
+"""Architectures as data: open_clip's model configs plus vlp's own JSON files.
+
+vlp's configs (``vlp/models/configs/*.json``, e.g. the tiny ``debug`` CLIP every test uses) are
+registered with open_clip itself, so every model vlp builds is a genuine open_clip module: its
+state dict, tokenizer and preprocessing are open_clip's, which is what makes export trivial.
+"""
+
+from __future__ import annotations
+
+import difflib
+from functools import lru_cache
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class UnknownModelError(ValueError):
+    pass
+
+
+@lru_cache(maxsize=1)
+def _register_vlp_configs() -> None:
+    open_clip.add_model_config(CONFIG_DIR)
+
+
+def list_models() -> list[str]:
+    """All architecture names: open_clip's plus vlp's own."""
+    _register_vlp_configs()
+    return sorted(open_clip.list_models())
+
+
+def get_model_config(name: str) -> dict:
+    """The architecture dict of ``name``; raises UnknownModelError with close matches."""
+    _register_vlp_configs()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UnknownModelError(
+            f"unknown model '{name}'.{hint} See vlp.models.list_models() (vlp's own: "
+            f"{', '.join(p.stem for p in sorted(CONFIG_DIR.glob('*.json')))})."
+        )
+    return cfg
+
+
+class _NormalizedFeatures:
+    """Mixin: ``encode_image`` / ``encode_text`` return L2-normalised features by default.
+
+    open_clip's default is unnormalised; vlp's public contract is normalised. The class is
+    swapped on the instance (see :func:`normalized_by_default`) so that the module tree and the
+    state dict stay exactly open_clip's.
+    """
+
+    def encode_image(self, image, normalize: bool = True):
+        return super().encode_image(image, normalize=normalize)
+
+    def encode_text(self, text, normalize: bool = True):
+        return super().encode_text(text, normalize=normalize)
+
+
+_NORMALIZED_CLASSES: dict[type, type] = {}
+
+
+def normalized_by_default(model: torch.nn.Module) -> torch.nn.Module:
+    base = type(model)
+    if issubclass(base, _NormalizedFeatures):
+        return model
+    if base not in _NORMALIZED_CLASSES:
+        _NORMALIZED_CLASSES[base] = type(base.__name__, (_NormalizedFeatures, base), {})
+    model.__class__ = _NORMALIZED_CLASSES[base]
+    return model
+
+
+def build_model(name: str, *, pretrained: str = "", device: str | torch.device = "cpu"):
+    """Build architecture ``name`` (random init, or weights from a local checkpoint file).
+
+    Returns ``(model, image_mean, image_std)``; ``model(image, text)`` returns open_clip's output
+    dict with normalised features and ``logit_scale`` as the multiplier (exp of the parameter).
+
+    Raises:
+        UnknownModelError: ``name`` is not a registered architecture.
+        FileNotFoundError / CheckpointError: ``pretrained`` is missing or does not fit.
+    """
+    get_model_config(name)  # clear error before open_clip's own
+    model = open_clip.create_model(name, pretrained=None, device=device, output_dict=True)
+    model = normalized_by_default(model)
+    if pretrained:
+        from vlp.models.loading import load_weights
+
+        load_weights(model, pretrained, model_name=name)
+    pp = getattr(model.visual, "preprocess_cfg", {}) or {}
+    mean = tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
+    return model, mean, std
+
+
+def image_size(model: torch.nn.Module) -> int:
+    size = model.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def context_length(model: torch.nn.Module) -> int:
+    return int(getattr(model, "context_length", 77))
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)

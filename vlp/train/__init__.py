@@ -1,0 +1,1 @@
+"""Training application: Trainer, backends, checkpoints, optimizer, logging."""

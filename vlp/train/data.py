@@ -1,0 +1,58 @@
+"""Builds the training stream from ``cfg.data`` for this rank, from a saved position if any."""
+
+from __future__ import annotations
+
+import logging
+
+from vlp.data.decode import DecodeOptions
+from vlp.data.shardlists import DataConfigError, check_readers, expand_urls, read_sizes
+from vlp.data.stream import StreamLoader, StreamSpec
+from vlp.data.tokenizer import get_tokenizer
+from vlp.data.transforms import train_transform
+from vlp.models.registry import image_size
+
+log = logging.getLogger(__name__)
+
+
+def train_sources(data_cfg) -> list[list[str]]:
+    if not data_cfg.train_shards:
+        raise DataConfigError("data.train_shards is empty: give shard patterns (write some with `vlp shards`)")
+    return [expand_urls(p, "data.train_shards") for p in data_cfg.train_shards]
+
+
+def samples_per_epoch(data_cfg) -> int | None:
+    if data_cfg.samples_per_epoch > 0:
+        return data_cfg.samples_per_epoch
+    sizes = [read_sizes(urls) for urls in train_sources(data_cfg)]
+    return None if any(s is None for s in sizes) else sum(sizes)
+
+
+def resolve_total_steps(cfg, world: int) -> int:
+    """``train.steps``, or ``train.epochs`` x samples per epoch / global batch."""
+    if cfg.train.epochs <= 0:
+        return cfg.train.steps
+    n = samples_per_epoch(cfg.data)
+    if not n:
+        raise DataConfigError(
+            "train.epochs needs the epoch length: set data.samples_per_epoch or put sizes.json beside the shards"
+        )
+    global_batch = cfg.data.batch_size * world * cfg.train.accum_steps
+    return max(1, round(cfg.train.epochs * n / global_batch))
+
+
+def decode_options(data_cfg) -> DecodeOptions:
+    return DecodeOptions(tuple(data_cfg.image_keys), data_cfg.text_key, data_cfg.max_image_pixels)
+
+
+def build_train_loader(cfg, model, mean, std, env, state=None) -> StreamLoader:
+    d = cfg.data
+    sources = train_sources(d)
+    for urls in sources:
+        check_readers(urls, env.world, d.workers, d.resampled, "data.train_shards")
+    spec = StreamSpec(
+        sources=sources, batch_size=d.batch_size, weights=list(d.train_weights), seed=cfg.train.seed,
+        rank=env.rank, world=env.world, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer,
+        decode=decode_options(d),
+    )
+    transform = train_transform(image_size(model), mean, std, d.train_crop_scale)
+    return StreamLoader(spec, transform, get_tokenizer(cfg.model.name), d.workers, state)

@@ -1,0 +1,88 @@
+"""Forward and backward of one optimizer step, with exact contrastive accumulation.
+
+With k micro-batches, a plain accumulation would compute each contrastive loss over one
+micro-batch only (fewer negatives: not the large-batch gradient). Instead (GradCache):
+1. forward every micro-batch without gradients, recording the RNG state before each;
+2. compute the objective on the concatenated outputs, backward to the cached outputs;
+3. re-forward each micro-batch with gradients from its recorded RNG state (dropout, patch
+   dropout and augmentation-in-model replay exactly) and backward the surrogate
+   sum(output * cached_gradient), with DDP's gradient sync only on the last micro-batch.
+The parameter gradients equal those of one step over all k micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def _rng_state(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def _forward(model, batch, device, autocast):
+    with autocast():
+        out = model(batch["image"].to(device, non_blocking=True), batch["text"].to(device, non_blocking=True))
+    # losses run in fp32 whatever the autocast dtype
+    return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
+
+
+def _no_sync(model, last: bool):
+    return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+
+
+def forward_backward(model, objective, micro_batches, *, device, autocast, scaler, group=None):
+    """Run forward and backward for one optimizer step; returns ``(loss, terms, last_outputs)``.
+
+    ``loss`` and ``terms`` are detached; gradients are left in the parameters (scaled when
+    ``scaler`` is enabled).
+    """
+    if len(micro_batches) == 1:
+        out = _forward(model, micro_batches[0], device, autocast)
+        loss, terms = objective(out, group)
+        scaler.scale(loss).backward()
+        return loss.detach(), {k: v.detach() for k, v in terms.items()}, out
+    return _cached_accumulation(model, objective, micro_batches, device, autocast, scaler, group)
+
+
+def _cached_accumulation(model, objective, micro_batches, device, autocast, scaler, group):
+    rng, cached = [], []
+    with torch.no_grad():
+        for batch in micro_batches:
+            rng.append(_rng_state(device))
+            cached.append(_forward(model, batch, device, autocast))
+    after_rng = _rng_state(device)
+    keys = [k for k, v in cached[0].items() if torch.is_tensor(v) and v.is_floating_point()]
+    batched = [k for k in keys if cached[0][k].ndim >= 1 and cached[0][k].shape[0] == len(micro_batches[0]["caption"])]
+    leaves = {}
+    for k in keys:
+        # per-sample outputs are concatenated; shared ones (logit scale) are the same in every micro-batch
+        value = torch.cat([c[k] for c in cached]) if k in batched else cached[0][k]
+        leaves[k] = value.detach().requires_grad_(True)
+    loss, terms = objective(leaves, group)
+    scaler.scale(loss).backward()
+    grads = {k: v.grad for k, v in leaves.items() if v.grad is not None}
+    sizes = [c[batched[0]].shape[0] for c in cached] if batched else []
+    split = {k: torch.split(g, sizes) for k, g in grads.items() if k in batched}
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        _set_rng_state(rng[i], device)
+        with _no_sync(model, last):
+            out = _forward(model, batch, device, autocast)
+            surrogate = sum((out[k] * split[k][i]).sum() for k in split)
+            for k, g in grads.items():
+                if k not in split:
+                    # a shared output's gradient goes in once, on the last (synchronised) pass
+                    surrogate = surrogate + (out[k] * (g if last else torch.zeros_like(g))).sum()
+            surrogate.backward()
+    _set_rng_state(after_rng, device)
+    return loss.detach(), {k: v.detach() for k, v in terms.items()}, out

@@ -1,0 +1,240 @@
+"""The Trainer: builders in ``__init__``, a ``train()`` loop that reads like pseudocode."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import vlp
+from vlp.config import Config, ConfigError, save_config
+from vlp.data.decode import SKIP_KINDS
+from vlp.losses import Objective
+from vlp.models.loading import CHECKPOINT_FORMAT, CheckpointError, load_state_dict_checked
+from vlp.models.registry import build_model
+from vlp.train import backends
+from vlp.train.checkpoint import Checkpointer
+from vlp.train.data import build_train_loader, resolve_total_steps
+from vlp.train.logging import MetricsLogger
+from vlp.train.optim import build_optimizer, build_scheduler
+from vlp.train.step import forward_backward
+
+log = logging.getLogger(__name__)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Trains ``cfg.model`` on ``cfg.data`` with ``cfg.loss``; see ``docs/configuration.md``."""
+
+    def __init__(self, cfg: Config, env: backends.DistEnv | None = None):
+        self.cfg = cfg
+        self.env = env or backends.init_distributed(cfg.train)
+        t, dev = cfg.train, self.env.device
+        _seed_everything(t.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+        self.model, self.mean, self.std = build_model(cfg.model.name, pretrained=cfg.model.pretrained)
+        self.model.to(dev)
+        self.ddp_model = backends.wrap_model(self.model, self.env)
+        self.objective = Objective(cfg.loss)
+        self.total_steps = resolve_total_steps(cfg, self.env.world)
+        self.optimizer = build_optimizer(self.model, t)
+        self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
+        fp16 = cfg.model.precision == "fp16"
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=fp16)
+        self.out_dir = Path(t.output_dir)
+        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", t.keep_checkpoints, self.env.is_main)
+        self.step = 0
+        self.skipped: Counter = Counter()
+        self.eval_results: list[dict] = []
+        self.last_checkpoint: Path | None = None
+        _seed_everything(t.seed + 1000 * self.env.rank)  # per-rank streams for dropout etc.
+
+    # ---- the loop -------------------------------------------------------------------------
+    def train(self) -> dict:
+        data_state = self.maybe_resume()
+        self._prepare_output()
+        self.loader = build_train_loader(self.cfg, self.model, self.mean, self.std, self.env, data_state)
+        self.logger = MetricsLogger(
+            self.out_dir, self.env.is_main, self.total_steps, self.cfg.train.progress, start_step=self.step
+        )
+        batches = iter(self.loader)
+        t0, seen = time.perf_counter(), 0
+        while self.step < self.total_steps:
+            micro = [next(batches) for _ in range(self.cfg.train.accum_steps)]
+            loss, terms = self.train_step(micro)
+            self.step += 1
+            seen += sum(len(b["caption"]) for b in micro)
+            if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
+                self.log_step(loss, terms, seen / (time.perf_counter() - t0))
+                t0, seen = time.perf_counter(), 0
+            self.maybe_evaluate()
+            self.maybe_checkpoint()
+        return self.finish()
+
+    def train_step(self, micro_batches) -> tuple[torch.Tensor, dict]:
+        self.ddp_model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, terms, _ = forward_backward(
+            self.ddp_model, self.objective, micro_batches, device=self.env.device, autocast=self._autocast,
+            scaler=self.scaler, group=self.env.group,
+        )
+        if self.cfg.train.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(self.cfg.train.logit_scale_max))
+        return loss, terms
+
+    def _autocast(self):
+        p = self.cfg.model.precision
+        if p == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if p == "bf16" else torch.float16
+        return torch.autocast(self.env.device.type, dtype=dtype)
+
+    # ---- logging, evaluation, checkpoints ------------------------------------------------
+    def _global_skips(self) -> dict[str, int]:
+        counts = torch.tensor([self.loader.skipped.get(k, 0) for k in SKIP_KINDS], dtype=torch.long)
+        if self.env.world > 1:
+            torch.distributed.all_reduce(counts, group=self.env.group)
+        return {k: int(v) for k, v in zip(SKIP_KINDS, counts.tolist()) if v}
+
+    def log_step(self, loss, terms, samples_per_s_rank) -> None:
+        self.skipped = Counter(self._global_skips())
+        metrics = {
+            "loss": float(loss),
+            **{f"loss/{k}": float(v) for k, v in terms.items()},
+            "lr": self.scheduler.get_last_lr()[0],
+            "logit_scale": float(self.model.logit_scale.detach().exp()),
+            "samples_per_s": samples_per_s_rank * self.env.world,
+            **{f"data/skipped/{k}": v for k, v in self.skipped.items()},
+        }
+        self.logger.log(self.step, metrics)
+        self.logger.advance(self.cfg.train.log_every)
+
+    def maybe_evaluate(self, force: bool = False) -> dict | None:
+        every = self.cfg.train.eval_every
+        if not self.cfg.data.val_shards or not (force or (every and self.step % every == 0)):
+            return None
+        results = None
+        if self.env.is_main:
+            from vlp.eval.runner import evaluate
+
+            results = evaluate(self.model, self.cfg, self.mean, self.std, device=self.env.device)
+            self.eval_results.append({"step": self.step, **results})
+            self.logger.log(self.step, {f"eval/{k}": v for k, v in results.items()})
+        backends.barrier(self.env)
+        return results
+
+    def maybe_checkpoint(self, force: bool = False) -> None:
+        every = self.cfg.train.checkpoint_every
+        if force or (every and self.step % every == 0):
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> Path:
+        rng = backends.all_gather_objects(_rng_states(self.env.device), self.env)
+        data = backends.all_gather_objects(self.loader.state_dict(), self.env)
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "vlp_version": vlp.__version__,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "config": self.cfg.to_dict(),
+            "rng": rng,
+            "data": data,
+            "world": self.env.world,
+        }
+        self.last_checkpoint = self.checkpointer.save(self.step, state)
+        backends.barrier(self.env)
+        return self.last_checkpoint
+
+    def maybe_resume(self) -> dict | None:
+        which = self.cfg.train.resume
+        if not which:
+            return None
+        found = self.checkpointer.load(which)
+        if found is None:
+            if which == "latest":
+                log.info("no checkpoint in %s: starting fresh", self.checkpointer.folder)
+                return None
+            raise CheckpointError(f"cannot resume from {which}")
+        path, state = found
+        self._check_compatible(path, state)
+        load_state_dict_checked(self.model, state["model"], path, self.cfg.model.name)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        if state.get("world") == self.env.world:
+            _set_rng_states(state["rng"][self.env.rank], self.env.device)
+        log.info("resumed from %s at step %d", path, self.step)
+        if self.env.is_main:
+            print(f"vlp: resumed from {path} (step {self.step})", flush=True)
+        data = state.get("data") or []
+        return data[self.env.rank] if len(data) == self.env.world else (data[0] if data else None)
+
+    def _check_compatible(self, path, state) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path}: not a vlp training checkpoint (use model.pretrained for weights)")
+        saved = state["config"]["model"]["name"]
+        if saved != self.cfg.model.name:
+            raise ConfigError(
+                f"{path}: checkpoint was trained with model.name='{saved}', the config says "
+                f"'{self.cfg.model.name}'; resume with the same architecture or start a new output_dir"
+            )
+
+    def _prepare_output(self) -> None:
+        if self.env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.out_dir / "config.yaml")
+        backends.barrier(self.env)
+
+    def finish(self) -> dict:
+        if not self.eval_results or self.eval_results[-1]["step"] != self.step:
+            self.maybe_evaluate(force=True)
+        if self.last_checkpoint is None or self.checkpointer.path_for(self.step) != self.last_checkpoint:
+            self.save_checkpoint()
+        self.logger.close()
+        summary = {
+            "step": self.step,
+            "checkpoint": str(self.last_checkpoint),
+            "output_dir": str(self.out_dir),
+            "skipped": dict(self._global_skips()),
+            "eval": self.eval_results[-1] if self.eval_results else {},
+        }
+        if self.env.is_main:
+            print(f"vlp: trained {self.step} steps; outputs in {self.out_dir} (checkpoint {self.last_checkpoint})")
+            if summary["skipped"]:
+                print(f"vlp: skipped bad data: {summary['skipped']}")
+        return summary
+
+
+def _rng_states(device) -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_states(state: dict, device) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
