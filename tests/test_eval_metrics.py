@@ -195,9 +195,7 @@ def test_retrieval_metrics_by_hand_multi_caption():
 def random_multi_caption(num_images: int, extra_texts: int, dim: int, seed: int, integer: bool = False):
     """Random features and a shuffled text->image map where every image has at least one text."""
     gen = torch.Generator().manual_seed(seed)
-    owners = torch.cat(
-        [torch.arange(num_images), torch.randint(0, num_images, (extra_texts,), generator=gen)]
-    )
+    owners = torch.cat([torch.arange(num_images), torch.randint(0, num_images, (extra_texts,), generator=gen)])
     text_to_image_M = owners[torch.randperm(len(owners), generator=gen)]
     if integer:  # small integers: exact dot products and many ties
         img_ND = torch.randint(-1, 2, (num_images, dim), generator=gen).float()
@@ -338,9 +336,7 @@ def test_zeroshot_pipeline_matches_clip_benchmark_evaluate(cb_classification, nu
         model, _Loader(batches, classnames), word_tokenizer, classnames, templates, "cpu", amp=False
     )
     w_DC = build_classifier(encoder, word_tokenizer, classnames, templates)
-    theirs_w_DC = cb_classification.zero_shot_classifier(
-        model, word_tokenizer, classnames, templates, "cpu", amp=False
-    )
+    theirs_w_DC = cb_classification.zero_shot_classifier(model, word_tokenizer, classnames, templates, "cpu", amp=False)
     torch.testing.assert_close(w_DC, theirs_w_DC)
     ours = zeroshot_classify(F.normalize(image_table_ND, dim=-1), w_DC, labels_N)
     assert ours["acc1"] == pytest.approx(theirs["acc1"], rel=1e-12)

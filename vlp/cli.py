@@ -12,8 +12,14 @@ from vlp.config import ConfigError
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train from a YAML config (torchrun: python -m vlp.train)")
     p.add_argument("--config", help="YAML config file (configs/*.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)",
+    )
     p.add_argument("--resume", help="`latest` or a checkpoint path (same as --set train.resume=...)")
 
 
@@ -77,15 +83,25 @@ def cmd_shards(args) -> int:
 
     if args.synthetic:
         info = shards.write_synthetic_shards(
-            args.out, args.num_samples, seed=args.seed, start_index=args.start_index, image_size=args.image_size,
-            single_group=args.single_group, max_samples_per_shard=args.max_samples_per_shard,
+            args.out,
+            args.num_samples,
+            seed=args.seed,
+            start_index=args.start_index,
+            image_size=args.image_size,
+            single_group=args.single_group,
+            max_samples_per_shard=args.max_samples_per_shard,
             prefix=args.prefix or "shapes",
         )
     else:
         info = shards.write_caption_shards(
-            args.captions, args.out, images_root=args.images_root, image_key=args.image_key,
-            caption_key=args.caption_key, max_samples_per_shard=args.max_samples_per_shard,
-            prefix=args.prefix or "data", allow_outside_root=args.allow_outside_root,
+            args.captions,
+            args.out,
+            images_root=args.images_root,
+            image_key=args.image_key,
+            caption_key=args.caption_key,
+            max_samples_per_shard=args.max_samples_per_shard,
+            prefix=args.prefix or "data",
+            allow_outside_root=args.allow_outside_root,
         )
     print(f"vlp: wrote {info['num_samples']} samples in {info['num_shards']} shard(s) to {args.out}")
     print(f"vlp: use data.train_shards={args.out}/{info['shards']}")

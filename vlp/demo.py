@@ -20,8 +20,13 @@ def make_demo_data(data_dir: Path, seed: int = 0) -> tuple[dict, dict]:
         data_dir / "train", TRAIN_SAMPLES, seed=seed, max_samples_per_shard=PER_SHARD, prefix="shapes"
     )
     val = write_synthetic_shards(
-        data_dir / "val", VAL_SAMPLES, seed=seed, start_index=VAL_START, single_group=True,
-        max_samples_per_shard=PER_SHARD, prefix="shapes",
+        data_dir / "val",
+        VAL_SAMPLES,
+        seed=seed,
+        start_index=VAL_START,
+        single_group=True,
+        max_samples_per_shard=PER_SHARD,
+        prefix="shapes",
     )
     return train, val
 

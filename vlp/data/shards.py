@@ -329,7 +329,9 @@ def _caption_samples(
     """Encoded samples of every usable row; fills stats["skipped"|"examples"|"formats"]."""
     image_key, caption_key = keys
     rows = _caption_rows(source, image_key, caption_key)
-    for key, (lineno, row) in enumerate(tqdm(rows, total=stats["total"], disable=None if progress else True, desc="pack")):
+    for key, (lineno, row) in enumerate(
+        tqdm(rows, total=stats["total"], disable=None if progress else True, desc="pack")
+    ):
         sample, kind = _caption_sample(key, row, root, image_key, caption_key, allow_outside_root)
         if sample is None:
             stats["skipped"][kind] += 1

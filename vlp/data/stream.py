@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -43,8 +44,25 @@ class StreamSpec:
     decode: DecodeOptions = field(default_factory=DecodeOptions)
 
 
+def _truncated(url: str) -> bool:
+    """A complete tar ends in zero blocks and has a size that is a multiple of 512 bytes.
+
+    Python's tarfile treats a file cut at a header boundary as a shorter valid archive, so a
+    truncated local shard is detected here; for remote urls only read errors are seen.
+    """
+    if "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
+        return False
+    size = os.path.getsize(url)
+    if size < 1024 or size % 512:
+        return True
+    with open(url, "rb") as f:
+        f.seek(size - 1024)
+        return f.read(1024).count(0) != 1024
+
+
 def _shard_samples(url: str, skips: SkipCounter) -> Iterator[dict]:
-    """Samples of one tar shard; a read error skips the rest of the shard and is counted once."""
+    """Samples of one tar shard; a truncated or unreadable shard is counted once and the
+    complete samples before the damage are kept."""
     from webdataset.gopen import gopen
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
@@ -56,6 +74,9 @@ def _shard_samples(url: str, skips: SkipCounter) -> Iterator[dict]:
             f["__url__"] = url
             yield f
 
+    truncated = _truncated(url)
+    if truncated:
+        skips.add("shard_error", url, "truncated: no end-of-archive marker")
     try:
         stream = gopen(url)
         try:
@@ -63,7 +84,8 @@ def _shard_samples(url: str, skips: SkipCounter) -> Iterator[dict]:
         finally:
             stream.close()
     except Exception as exn:  # noqa: BLE001 - any failure of a shard is data, not a bug
-        skips.add("shard_error", url, repr(exn))
+        if not truncated:
+            skips.add("shard_error", url, repr(exn))
 
 
 class _SourceReader:
@@ -76,8 +98,13 @@ class _SourceReader:
     def _epoch_samples(self, epoch: int) -> Iterator[dict]:
         spec = self.spec
         shards = reader_shards(
-            self.urls, epoch=epoch, reader=self.reader, readers=self.readers, seed=spec.seed,
-            resampled=spec.resampled, shuffle=spec.infinite,
+            self.urls,
+            epoch=epoch,
+            reader=self.reader,
+            readers=self.readers,
+            seed=spec.seed,
+            resampled=spec.resampled,
+            shuffle=spec.infinite,
         )
         raw = (s for url in shards for s in _shard_samples(url, self.skips))
         if spec.shuffle_buffer <= 1 or not spec.infinite:
@@ -219,8 +246,12 @@ class StreamLoader:
             self._restore(state, nslots)
         self.dataset = ShardStream(spec, transform, tokenizer, dict(self.slots), self.next_slot)
         self._loader = DataLoader(
-            self.dataset, batch_size=None, num_workers=workers, worker_init_fn=_worker_init if workers else None,
-            pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
+            self.dataset,
+            batch_size=None,
+            num_workers=workers,
+            worker_init_fn=_worker_init if workers else None,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=4 if workers else None,
             persistent_workers=False,
         )
 
@@ -235,7 +266,11 @@ class StreamLoader:
         log.warning(
             "data position was saved with %s rank(s) x %s worker(s); now %s x %s: it cannot be replayed "
             "exactly, so every reader starts epoch %d",
-            state.get("world"), state.get("workers"), self.spec.world, nslots, epoch,
+            state.get("world"),
+            state.get("workers"),
+            self.spec.world,
+            nslots,
+            epoch,
         )
         fresh = {"sources": [(epoch, 0)] * len(self.spec.sources), "draws": 0, "batches": 0}
         self.slots = {s: fresh for s in range(nslots)}
@@ -252,6 +287,9 @@ class StreamLoader:
 
     def state_dict(self) -> dict:
         return {
-            "world": self.spec.world, "workers": max(self.workers, 1), "next_slot": self.next_slot,
-            "slots": {str(k): v for k, v in self.slots.items()}, "skipped": dict(self.skipped),
+            "world": self.spec.world,
+            "workers": max(self.workers, 1),
+            "next_slot": self.next_slot,
+            "slots": {str(k): v for k, v in self.slots.items()},
+            "skipped": dict(self.skipped),
         }

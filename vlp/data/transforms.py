@@ -9,9 +9,7 @@ def train_transform(size: int, mean: Sequence[float], std: Sequence[float], crop
     """PIL image -> float tensor 3xSxS: random resized crop of ``crop_scale`` area, normalise."""
     import open_clip
 
-    return open_clip.image_transform(
-        size, is_train=True, mean=mean, std=std, aug_cfg={"scale": tuple(crop_scale)}
-    )
+    return open_clip.image_transform(size, is_train=True, mean=mean, std=std, aug_cfg={"scale": tuple(crop_scale)})
 
 
 def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]):

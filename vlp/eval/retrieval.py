@@ -49,9 +49,7 @@ def _check_retrieval_inputs(image_ND: Tensor, text_MD: Tensor, text_to_image_M: 
         raise ValueError(f"every image needs at least one text; images without one include {missing}")
 
 
-def image_retrieval_ranks(
-    image_ND: Tensor, text_MD: Tensor, text_to_image_M: Tensor, block_size: int
-) -> Tensor:
+def image_retrieval_ranks(image_ND: Tensor, text_MD: Tensor, text_to_image_M: Tensor, block_size: int) -> Tensor:
     """Per text, the 1-based rank of its image among all N images; LongTensor[M].
 
     Similarities are computed ``block_size`` texts at a time (peak memory O(block_size * N)).
@@ -63,9 +61,7 @@ def image_retrieval_ranks(
     return torch.cat(ranks)
 
 
-def text_retrieval_ranks(
-    image_ND: Tensor, text_MD: Tensor, text_to_image_M: Tensor, block_size: int
-) -> Tensor:
+def text_retrieval_ranks(image_ND: Tensor, text_MD: Tensor, text_to_image_M: Tensor, block_size: int) -> Tensor:
     """Per image, the 1-based rank of its best-ranked caption among all M texts; LongTensor[N].
 
     Similarities are computed ``block_size`` images at a time (peak memory O(block_size * M)).
@@ -150,9 +146,7 @@ def paired_retrieval_metrics(
             f"texts for {image_features_ND.shape[0]} images"
         )
     text_to_image_N = torch.arange(image_features_ND.shape[0], device=image_features_ND.device)
-    return retrieval_metrics(
-        image_features_ND, text_features_ND, text_to_image_N, ks=ks, block_size=block_size
-    )
+    return retrieval_metrics(image_features_ND, text_features_ND, text_to_image_N, ks=ks, block_size=block_size)
 
 
 def _any_caption_chance(num_texts: int, num_captions: int, k: int) -> float:

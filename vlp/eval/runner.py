@@ -27,8 +27,12 @@ def eval_loader(urls, cfg, mean, std, model) -> StreamLoader:
     from vlp.train.data import decode_options
 
     spec = StreamSpec(
-        sources=[urls], batch_size=cfg.eval.batch_size, seed=0, infinite=False,
-        shuffle_buffer=0, decode=decode_options(cfg.data),
+        sources=[urls],
+        batch_size=cfg.eval.batch_size,
+        seed=0,
+        infinite=False,
+        shuffle_buffer=0,
+        decode=decode_options(cfg.data),
     )
     transform = eval_transform(image_size(model), mean, std)
     return StreamLoader(spec, transform, get_tokenizer(cfg.model.name), min(cfg.data.workers, len(urls)))

@@ -221,14 +221,10 @@ def zeroshot_classify(
     if image_features_ND.ndim != 2 or classifier_DC.ndim != 2:
         raise ValueError("expected image features [N, D] and classifier [D, C]")
     if image_features_ND.shape[1] != classifier_DC.shape[0]:
-        raise ValueError(
-            f"feature dim {image_features_ND.shape[1]} != classifier dim {classifier_DC.shape[0]}"
-        )
+        raise ValueError(f"feature dim {image_features_ND.shape[1]} != classifier dim {classifier_DC.shape[0]}")
     classifier_DC = classifier_DC.to(image_features_ND.device, image_features_ND.dtype)
     logits_NC = logit_scale * (image_features_ND @ classifier_DC)
     metrics = classification_metrics(logits_NC, labels_N, topk=(1, 5))
     num_classes = classifier_DC.shape[1]
-    metrics.update(
-        num_samples=int(logits_NC.shape[0]), num_classes=int(num_classes), chance=1.0 / num_classes
-    )
+    metrics.update(num_samples=int(logits_NC.shape[0]), num_classes=int(num_classes), chance=1.0 / num_classes)
     return metrics

@@ -22,8 +22,13 @@ class Objective:
         c = self.cfg.contrastive
         terms = {
             "contrastive": clip_loss(
-                out["image_features"], out["text_features"], out["logit_scale"], group=group,
-                impl=c.impl, neg_text_features=out.get("neg_text_features"), label_smoothing=c.label_smoothing,
+                out["image_features"],
+                out["text_features"],
+                out["logit_scale"],
+                group=group,
+                impl=c.impl,
+                neg_text_features=out.get("neg_text_features"),
+                label_smoothing=c.label_smoothing,
             )
         }
         weights = {"contrastive": c.weight}

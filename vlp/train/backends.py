@@ -42,7 +42,9 @@ def _slurm_env() -> None:
     if "MASTER_ADDR" not in os.environ:
         nodes = subprocess.run(
             ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.split()
         os.environ["MASTER_ADDR"] = nodes[0]
     os.environ.setdefault("MASTER_PORT", "29500")

@@ -50,8 +50,14 @@ def build_train_loader(cfg, model, mean, std, env, state=None) -> StreamLoader:
     for urls in sources:
         check_readers(urls, env.world, d.workers, d.resampled, "data.train_shards")
     spec = StreamSpec(
-        sources=sources, batch_size=d.batch_size, weights=list(d.train_weights), seed=cfg.train.seed,
-        rank=env.rank, world=env.world, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer,
+        sources=sources,
+        batch_size=d.batch_size,
+        weights=list(d.train_weights),
+        seed=cfg.train.seed,
+        rank=env.rank,
+        world=env.world,
+        resampled=d.resampled,
+        shuffle_buffer=d.shuffle_buffer,
         decode=decode_options(d),
     )
     transform = train_transform(image_size(model), mean, std, d.train_crop_scale)

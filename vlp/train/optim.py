@@ -22,8 +22,12 @@ def build_optimizer(model: torch.nn.Module, train_cfg) -> torch.optim.Optimizer:
     ]
     on_cuda = next(model.parameters()).is_cuda
     return torch.optim.AdamW(
-        groups, lr=train_cfg.lr, betas=tuple(train_cfg.betas), eps=train_cfg.eps,
-        fused=True if on_cuda else None, foreach=None if on_cuda else True,
+        groups,
+        lr=train_cfg.lr,
+        betas=tuple(train_cfg.betas),
+        eps=train_cfg.eps,
+        fused=True if on_cuda else None,
+        foreach=None if on_cuda else True,
     )
 
 

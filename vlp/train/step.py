@@ -32,8 +32,9 @@ def _set_rng_state(state, device: torch.device) -> None:
 def _forward(model, batch, device, autocast):
     with autocast():
         out = model(batch["image"].to(device, non_blocking=True), batch["text"].to(device, non_blocking=True))
-    # losses run in fp32 whatever the autocast dtype
-    return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
+    # losses run in fp32 (or the model's own fp64) whatever the autocast dtype
+    low = (torch.float16, torch.bfloat16)
+    return {k: v.float() if torch.is_tensor(v) and v.dtype in low else v for k, v in out.items()}
 
 
 def _no_sync(model, last: bool):

@@ -86,8 +86,13 @@ class Trainer:
         self.ddp_model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss, terms, _ = forward_backward(
-            self.ddp_model, self.objective, micro_batches, device=self.env.device, autocast=self._autocast,
-            scaler=self.scaler, group=self.env.group,
+            self.ddp_model,
+            self.objective,
+            micro_batches,
+            device=self.env.device,
+            autocast=self._autocast,
+            scaler=self.scaler,
+            group=self.env.group,
         )
         if self.cfg.train.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)

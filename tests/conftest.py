@@ -1,0 +1,103 @@
+"""Shared fixtures: small shard sets made inside the tests (no downloads)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def shapes_shards(tmp_path_factory) -> dict:
+    """256 training samples in 8 shards and 64 held-out single-group samples in 1 shard."""
+    from vlp.data.shards import write_synthetic_shards
+
+    root = tmp_path_factory.mktemp("shapes")
+    train = write_synthetic_shards(root / "train", 256, seed=1, max_samples_per_shard=32, progress=False)
+    val = write_synthetic_shards(
+        root / "val", 64, seed=1, start_index=10**7, single_group=True, max_samples_per_shard=64, progress=False
+    )
+    return {
+        "root": root,
+        "train": str(root / "train" / train["shards"]),
+        "val": str(root / "val" / val["shards"]),
+        "train_info": train,
+    }
+
+
+def png_bytes(size=(32, 32), color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, samples: list[dict]) -> Path:
+    """Write ``samples`` ({"__key__", ext: bytes, ...}) as a WebDataset tar."""
+    with tarfile.open(path, "w") as tar:
+        for s in samples:
+            for ext, data in s.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def good_sample(key: str, caption: str = "a red square") -> dict:
+    return {"__key__": key, "png": png_bytes(), "txt": caption.encode(), "json": json.dumps({"k": key}).encode()}
+
+
+# Every bad-data kind the stream must skip and count, and the samples that trigger it.
+BAD_SAMPLES = {
+    "missing_image": {"__key__": "b_noimg", "txt": b"caption without image"},
+    "corrupt_image": {"__key__": "b_corrupt", "png": b"\x89PNG not really", "txt": b"broken image"},
+    "image_too_large": {"__key__": "b_large", "png": png_bytes((400, 400)), "txt": b"huge image"},
+    "missing_caption": {"__key__": "b_nocap", "png": png_bytes()},
+    "empty_caption": {"__key__": "b_empty", "png": png_bytes(), "txt": b"   \n"},
+    "bad_caption_encoding": {"__key__": "b_enc", "png": png_bytes(), "txt": b"\xff\xfe\xfa bad"},
+}
+ZERO_BYTE = {"__key__": "b_zero", "png": b"", "txt": b"zero-byte image"}  # also corrupt_image
+
+
+@pytest.fixture()
+def bad_shards(tmp_path) -> dict:
+    """Two good shards, one with every bad kind, and one truncated tar. ``max_image_pixels`` must
+    be set below 400*400 by the user of this fixture."""
+    good = [good_sample(f"g{i:03d}") for i in range(24)]
+    write_tar(tmp_path / "s-000000.tar", good[:12])
+    write_tar(tmp_path / "s-000001.tar", good[12:])
+    write_tar(tmp_path / "s-000002.tar", [good_sample("g100"), *BAD_SAMPLES.values(), ZERO_BYTE, good_sample("g101")])
+    full = write_tar(tmp_path / "full.tar", [good_sample(f"t{i:03d}") for i in range(8)])
+    data = full.read_bytes()
+    (tmp_path / "s-000003.tar").write_bytes(data[: len(data) // 2 + 100])
+    full.unlink()
+    return {"pattern": str(tmp_path / "s-{000000..000003}.tar"), "good": 24 + 2, "folder": tmp_path}
+
+
+def run_cli(*args, cwd=None, env=None, timeout=600, check=True) -> subprocess.CompletedProcess:
+    """Run ``python -m vlp.cli ARGS`` (the real console entry point) and return the result."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlp.cli", *map(str, args)],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vlp {args[0]} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

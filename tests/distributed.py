@@ -1,0 +1,36 @@
+"""Run a function on W gloo processes (CPU) and collect each rank's return value."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, fn, args, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+        torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world: int, *args) -> list:
+    """``fn(rank, world, *args)`` on ``world`` processes; returns the results in rank order.
+    ``fn`` must be a module-level function; results must be tensors/containers of tensors."""
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_worker, args=(world, _free_port(), fn, args, out), nprocs=world, join=True)
+        return [torch.load(os.path.join(out, f"{r}.pt"), weights_only=True) for r in range(world)]

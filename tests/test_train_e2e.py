@@ -1,0 +1,160 @@
+"""End to end through the real CLI on shards made in the test: train, torchrun, resume, bad data, demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+from vlp.train.logging import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def _sets(shards, out, *extra):
+    base = [
+        f"data.train_shards=['{shards['train']}']",
+        f"data.val_shards=['{shards['val']}']",
+        "data.batch_size=16",
+        "data.workers=1",
+        "data.shuffle_buffer=64",
+        f"train.output_dir={out}",
+        "train.steps=6",
+        "train.warmup_steps=2",
+        "train.log_every=1",
+        "train.checkpoint_every=3",
+        "train.eval_every=0",
+        *extra,
+    ]
+    return [a for s in base for a in ("--set", s)]
+
+
+def _losses(out):
+    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
+
+
+def test_train_writes_run_folder(shapes_shards, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train", "--config", "configs/demo.yaml", *_sets(shapes_shards, out, "train.lr=3e-4"))
+    assert f"outputs in {out}" in proc.stdout
+    assert (out / "config.yaml").is_file() and "lr: 0.0003" in (out / "config.yaml").read_text()
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*.pt")) == ["step_00000003.pt", "step_00000006.pt"]
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000006.pt"
+    assert any(p.name.startswith("events") for p in (out / "tensorboard").iterdir())
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    final = [r for r in records if "eval/retrieval/image_retrieval_recall@1" in r]
+    assert final and final[-1]["step"] == 6 and final[-1]["eval/zeroshot_classification/num_samples"] == 64
+
+
+def test_resume_matches_uninterrupted_run(shapes_shards, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_cli("train", "--config", "configs/demo.yaml", *_sets(shapes_shards, full))
+    # a run killed after its step-3 checkpoint: the same folder without what came later
+    shutil.copytree(full, cut)
+    (cut / "checkpoints" / "step_00000006.pt").unlink()
+    (cut / "checkpoints" / "latest").write_text("step_00000003.pt")
+    proc = run_cli("train", "--config", "configs/demo.yaml", *_sets(shapes_shards, cut), "--resume", "latest")
+    assert "resumed from" in proc.stdout and "(step 3)" in proc.stdout
+    a, b = _losses(full), _losses(cut)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]  # no duplicate records from before the kill
+    for step in (4, 5, 6):
+        assert b[step] == pytest.approx(a[step], abs=1e-6), (step, a, b)
+
+
+def test_resume_from_other_architecture_is_a_clear_error(shapes_shards, tmp_path):
+    out = tmp_path / "run"
+    run_cli("train", "--config", "configs/demo.yaml", *_sets(shapes_shards, out, "train.steps=3"))
+    proc = run_cli(
+        "train",
+        "--config",
+        "configs/demo.yaml",
+        *_sets(shapes_shards, out, "model.name=ViT-S-32", "train.steps=4"),
+        "--resume",
+        "latest",
+        check=False,
+    )
+    assert proc.returncode == 2 and "model.name='debug'" in proc.stderr and "ViT-S-32" in proc.stderr
+
+
+def test_torchrun_two_processes_gloo(shapes_shards, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "0",
+        "-m",
+        "vlp.train",
+        "--config",
+        "configs/demo.yaml",
+        *_sets(shapes_shards, out, "train.steps=4"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = read_metrics(out / "metrics.jsonl")  # written by rank 0 only
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    ckpt = out / "checkpoints" / "step_00000004.pt"
+    import torch
+
+    state = torch.load(ckpt, weights_only=True)
+    assert state["world"] == 2 and len(state["data"]) == 2 and len(state["rng"]) == 2
+
+
+def test_bad_data_run_completes_and_reports(bad_shards, tmp_path):
+    out = tmp_path / "bad"
+    sets = [
+        f"data.train_shards=['{bad_shards['pattern']}']",
+        "data.val_shards=[]",
+        "data.workers=0",
+        "data.batch_size=4",
+        "data.max_image_pixels=40000",
+        f"train.output_dir={out}",
+        "train.steps=12",
+        "train.log_every=4",
+        "train.checkpoint_every=0",
+    ]
+    proc = run_cli("train", "--config", "configs/demo.yaml", *[a for s in sets for a in ("--set", s)])
+    assert "skipped bad data" in proc.stdout
+    last = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r][-1]
+    for kind in (
+        "shard_error",
+        "missing_image",
+        "corrupt_image",
+        "image_too_large",
+        "missing_caption",
+        "empty_caption",
+        "bad_caption_encoding",
+    ):
+        assert last.get(f"data/skipped/{kind}", 0) >= 1, (kind, last)
+
+
+def test_config_error_exits_2_with_one_line(tmp_path):
+    proc = run_cli("train", "--config", "configs/demo.yaml", "--set", "train.lrr=1", check=False)
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[0]]
+        and "unknown key 'train.lrr'" in proc.stderr
+    )
+
+
+def test_demo_reduced_steps_beats_chance(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_cli(
+        "demo", "--out", out, "--steps", "150", "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0"
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["zeroshot_acc1"] >= 2 * report["zeroshot_chance"], report
+    assert report["retrieval_t2i_r1"] >= 5 * report["retrieval_chance_r1"], report
+    assert (out / "report.png").stat().st_size > 10_000
+    assert os.path.isfile(report["checkpoint"]) and report["train_seconds"] > 0
+    assert f"report in {out / 'report.json'}" in proc.stdout
