@@ -34,6 +34,14 @@ def _sets(shards, out, *extra):
     return [a for s in base for a in ("--set", s)]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _losses(out):
     return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
 
@@ -91,7 +99,7 @@ def test_torchrun_two_processes_gloo(shapes_shards, tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "0",
+        str(_free_port()),
         "-m",
         "vlp.train",
         "--config",
@@ -99,7 +107,7 @@ def test_torchrun_two_processes_gloo(shapes_shards, tmp_path):
         *_sets(shapes_shards, out, "train.steps=4"),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = read_metrics(out / "metrics.jsonl")  # written by rank 0 only
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]

@@ -9,6 +9,13 @@ import sys
 from vlp.config import ConfigError
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train from a YAML config (torchrun: python -m vlp.train)")
     p.add_argument("--config", help="YAML config file (configs/*.yaml)")
@@ -36,7 +43,7 @@ def _add_shards(sub) -> None:
     src.add_argument("--synthetic", action="store_true", help="generate the synthetic shapes data")
     src.add_argument("--captions", help="JSONL or CSV file: image path + caption [+ extra fields]")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--max-samples-per-shard", type=int, default=1000)
+    p.add_argument("--max-samples-per-shard", type=_positive_int, default=1000)
     p.add_argument("--prefix", help="shard file prefix (default: shapes / data)")
     g = p.add_argument_group("synthetic")
     g.add_argument("--num-samples", type=int, default=10000)
@@ -63,11 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from vlp.config import load_config
+    from vlp.train import backends
     from vlp.train.trainer import Trainer
 
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)
-    Trainer(cfg).train()
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        backends.shutdown(trainer.env)
     return 0
 
 
@@ -105,8 +117,9 @@ def cmd_shards(args) -> int:
         )
     print(f"vlp: wrote {info['num_samples']} samples in {info['num_shards']} shard(s) to {args.out}")
     print(f"vlp: use data.train_shards={args.out}/{info['shards']}")
-    if info.get("skipped"):
-        print(f"vlp: skipped rows: {info['skipped']}")
+    skipped = {k: v for k, v in info.get("skipped", {}).items() if v}
+    if skipped:
+        print(f"vlp: skipped rows: {skipped}")
     return 0
 
 
@@ -115,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("root").setLevel(logging.WARNING)
     handlers = {"train": cmd_train, "demo": cmd_demo, "shards": cmd_shards}
     try:
         return handlers[args.command](args)

@@ -45,7 +45,9 @@ class DataConfig:
     workers: int = _f(2, "DataLoader worker processes per rank (0 = load in the training process).")
     resampled: bool = _f(False, "Draw shards with replacement (seeded per rank/worker/epoch) instead of splitting.")
     shuffle_buffer: int = _f(1000, "Sample shuffle buffer size per worker (0 = no sample shuffle).")
-    samples_per_epoch: int = _f(0, "Epoch length in samples (0 = read from the shards' sizes.json).")
+    samples_per_epoch: int = _f(
+        0, "Epoch length in samples for `train.epochs` (0 = sum of the shards' sizes.json entries)."
+    )
     train_crop_scale: list[float] = _f([0.9, 1.0], "RandomResizedCrop scale range for training images.")
     max_image_pixels: int = _f(
         50_000_000, "Images with more pixels are skipped and counted (decompression-bomb guard)."
@@ -82,7 +84,9 @@ class TrainConfig:
         "Micro-batches per optimizer step; the contrastive loss spans all of them (exact, cached features).",
     )
     logit_scale_max: float = _f(100.0, "Upper clamp of the learned logit scale (as the multiplier).")
-    backend: Literal["single", "ddp"] = _f("single", "`single` process or `ddp` (set automatically by torchrun).")
+    backend: Literal["auto", "single", "ddp"] = _f(
+        "auto", "`auto`: DDP when launched with several processes (torchrun/SLURM), else one; `single`; `ddp`."
+    )
     dist_timeout_s: int = _f(1800, "Timeout of collective operations in seconds (a dead rank fails the others).")
     output_dir: str = _f("runs/default", "Run folder: config, metrics.jsonl, TensorBoard, checkpoints.")
     seed: int = _f(0, "Seed of the model init, data order and augmentation.")

@@ -8,6 +8,7 @@ state dict, tokenizer and preprocessing are open_clip's, which is what makes exp
 from __future__ import annotations
 
 import difflib
+import logging
 from functools import lru_cache
 from pathlib import Path
 
@@ -86,7 +87,13 @@ def build_model(name: str, *, pretrained: str = "", device: str | torch.device =
         FileNotFoundError / CheckpointError: ``pretrained`` is missing or does not fit.
     """
     get_model_config(name)  # clear error before open_clip's own
-    model = open_clip.create_model(name, pretrained=None, device=device, output_dict=True)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # open_clip warns "initialized randomly" on the root logger
+    try:
+        model = open_clip.create_model(name, pretrained=None, device=device, output_dict=True)
+    finally:
+        root.setLevel(level)
     model = normalized_by_default(model)
     if pretrained:
         from vlp.models.loading import load_weights

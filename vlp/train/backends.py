@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vlp.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -67,7 +69,13 @@ def init_distributed(train_cfg) -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = resolve_device(train_cfg.device, local_rank)
+    if world > 1 and train_cfg.backend == "single":
+        raise ConfigError(
+            f"train.backend=single but the launcher started {world} processes; use train.backend=auto or ddp"
+        )
     if world == 1:
+        if train_cfg.backend == "ddp":
+            log.info("train.backend=ddp with one process: running without DDP")
         return DistEnv(device=device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

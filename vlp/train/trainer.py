@@ -57,14 +57,26 @@ class Trainer:
         self.step = 0
         self.skipped: Counter = Counter()
         self.eval_results: list[dict] = []
+        self.last_eval_step = -1
         self.last_checkpoint: Path | None = None
+        self._check_eval_settings()
         _seed_everything(t.seed + 1000 * self.env.rank)  # per-rank streams for dropout etc.
+
+    def _check_eval_settings(self) -> None:
+        """Mistakes in the eval settings stop the run now, not after hours of training."""
+        from vlp.data.shardlists import expand_urls
+        from vlp.eval.registry import get_task
+
+        for task in self.cfg.eval.tasks:
+            get_task(task)
+        for pattern in self.cfg.data.val_shards:
+            expand_urls(pattern, "data.val_shards")
 
     # ---- the loop -------------------------------------------------------------------------
     def train(self) -> dict:
         data_state = self.maybe_resume()
-        self._prepare_output()
         self.loader = build_train_loader(self.cfg, self.model, self.mean, self.std, self.env, data_state)
+        self._prepare_output()  # only once every check has passed: a rejected start leaves the run as it was
         self.logger = MetricsLogger(
             self.out_dir, self.env.is_main, self.total_steps, self.cfg.train.progress, start_step=self.step
         )
@@ -136,6 +148,7 @@ class Trainer:
         if not self.cfg.data.val_shards or not (force or (every and self.step % every == 0)):
             return None
         results = None
+        self.last_eval_step = self.step
         if self.env.is_main:
             from vlp.eval.runner import evaluate
 
@@ -193,7 +206,15 @@ class Trainer:
         if self.env.is_main:
             print(f"vlp: resumed from {path} (step {self.step})", flush=True)
         data = state.get("data") or []
-        return data[self.env.rank] if len(data) == self.env.world else (data[0] if data else None)
+        if len(data) == self.env.world:
+            return data[self.env.rank]
+        if not data:
+            return None
+        # another world size: positions cannot be replayed (the loader warns); rank 0 carries the totals
+        totals = Counter()
+        for d in data:
+            totals.update(d.get("skipped", {}))
+        return {**data[0], "skipped": dict(totals) if self.env.is_main else {}}
 
     def _check_compatible(self, path, state) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:
@@ -212,10 +233,11 @@ class Trainer:
         backends.barrier(self.env)
 
     def finish(self) -> dict:
-        if not self.eval_results or self.eval_results[-1]["step"] != self.step:
-            self.maybe_evaluate(force=True)
+        # the final checkpoint first: nothing that happens in evaluation can lose the trained weights
         if self.last_checkpoint is None or self.checkpointer.path_for(self.step) != self.last_checkpoint:
             self.save_checkpoint()
+        if self.last_eval_step != self.step:  # the same decision on every rank (they meet at a barrier)
+            self.maybe_evaluate(force=True)
         self.logger.close()
         summary = {
             "step": self.step,
