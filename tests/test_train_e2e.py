@@ -166,3 +166,30 @@ def test_demo_reduced_steps_beats_chance(tmp_path):
     assert (out / "report.png").stat().st_size > 10_000
     assert os.path.isfile(report["checkpoint"]) and report["train_seconds"] > 0
     assert f"report in {out / 'report.json'}" in proc.stdout
+
+
+@pytest.mark.parametrize("precision, accum", [("bf16", 1), ("fp32", 2)])
+def test_trainer_in_process_precision_and_accumulation(shapes_shards, tmp_path, precision, accum):
+    """bf16 autocast on CPU, and exact accumulation through the real Trainer, for a few steps."""
+    from vlp.config import load_config
+    from vlp.train.trainer import Trainer
+
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            f"data.train_shards=['{shapes_shards['train']}']",
+            "data.val_shards=[]",
+            "data.workers=0",
+            "data.batch_size=8",
+            f"model.precision={precision}",
+            f"train.accum_steps={accum}",
+            f"train.output_dir={tmp_path}",
+            "train.steps=3",
+            "train.log_every=1",
+            "train.checkpoint_every=0",
+        ],
+    )
+    summary = Trainer(cfg).train()
+    losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+    assert summary["step"] == 3 and os.path.isfile(summary["checkpoint"])
