@@ -2,5 +2,6 @@
 
 from vlp.losses.contrastive import clip_loss
 from vlp.losses.objective import Objective
+from vlp.losses.siglip import siglip_loss
 
-__all__ = ["Objective", "clip_loss"]
+__all__ = ["Objective", "clip_loss", "siglip_loss"]
