@@ -39,7 +39,12 @@ def test_yaml_file_then_overrides(tmp_path):
         ("- a\n- b\n", r"top level must be a mapping"),
         ("train: [1, 2\n", r"not valid YAML"),
         ("data:\n  train_weights: [1.0]\n", r"train_weights.*one weight per data\.train_shards"),
-        ("loss:\n  contrastive:\n    impl: magic\n", r"'loss\.contrastive\.impl' expects one of 'gather'"),
+        ("loss:\n  contrastive:\n    impl: magic\n", r"'loss\.contrastive\.impl' expects one of 'gather', 'tiled'"),
+        (
+            "loss:\n  contrastive:\n    type: siglip\n    impl: tiled\n",
+            r"'loss\.contrastive\.impl' = 'tiled' is not an impl of type siglip: gather, ring",
+        ),
+        ("loss:\n  contrastive:\n    dcl: true\n    label_smoothing: 0.1\n", r"cannot be combined"),
     ],
 )
 def test_errors_are_one_line_and_actionable(tmp_path, yaml_text, pattern):

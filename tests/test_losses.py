@@ -11,6 +11,7 @@ from open_clip.loss import SigLipLoss
 
 from tests.distributed import run_distributed
 from vlp.losses import clip_loss, siglip_loss
+from vlp.losses.regularizers import alignment_loss, uniformity_loss
 
 N, D, K = 16, 8, 2
 
@@ -26,6 +27,7 @@ CLIP_CASES = [
         (K, "smooth", {"label_smoothing": 0.1}),
     ]
 ]
+REG_CASES = [("align", dict(reg="align", k=0)), ("uniform", dict(reg="uniform", k=0))]
 SIGLIP_CASES = [(f"siglip-{impl}-k{k}", dict(impl=impl, k=k)) for impl in ("gather", "ring") for k in (0, K)]
 
 
@@ -58,6 +60,12 @@ def _reference_clip(img, txt, scale, neg=None, own_negatives=False, dcl=False, l
 
 
 def _reference(case: dict, img, txt, scale, bias, neg):
+    if case.get("reg") == "align":
+        return (img - txt).pow(2).sum(-1).mean()
+    if case.get("reg") == "uniform":
+        sq = torch.cdist(img, img).pow(2)
+        off = ~torch.eye(img.shape[0], dtype=torch.bool)
+        return torch.log(torch.exp(-2.0 * sq[off]).mean())
     opts = {k: v for k, v in case.items() if k not in ("impl", "k", "group_size", "world")}
     if "siglip" in case:
         loss = SigLipLoss()(img, txt, scale, bias)
@@ -86,6 +94,10 @@ def _leaves(k):
 
 
 def _ours(case: dict, leaves: dict, sl=slice(None)):
+    if case.get("reg") == "align":
+        return alignment_loss(leaves["img"][sl], leaves["txt"][sl])
+    if case.get("reg") == "uniform":
+        return uniformity_loss(leaves["img"][sl], t=2.0)
     neg = leaves["neg"][sl] if "neg" in leaves else None
     if "siglip" in case:
         return siglip_loss(
@@ -101,7 +113,7 @@ def _ours(case: dict, leaves: dict, sl=slice(None)):
 
 
 def _all_cases(world):
-    cases = [dict(c) for _, c in CLIP_CASES] + [dict(c, siglip=True) for _, c in SIGLIP_CASES]
+    cases = [dict(c) for _, c in CLIP_CASES + REG_CASES] + [dict(c, siglip=True) for _, c in SIGLIP_CASES]
     if world > 1:
         cases.append(dict(impl="grouped", k=0, group_size=world // 2 if world > 2 else 1, world=world))
     return cases
@@ -137,8 +149,8 @@ def _check(case, results, world):
 
 @pytest.mark.parametrize(
     "case",
-    [c for _, c in CLIP_CASES] + [dict(c, siglip=True) for _, c in SIGLIP_CASES],
-    ids=[n for n, _ in CLIP_CASES + SIGLIP_CASES],
+    [c for _, c in CLIP_CASES + REG_CASES] + [dict(c, siglip=True) for _, c in SIGLIP_CASES],
+    ids=[n for n, _ in CLIP_CASES + REG_CASES + SIGLIP_CASES],
 )
 def test_single_process_equals_reference(case):
     leaves = _leaves(case["k"])

@@ -90,7 +90,8 @@ def test_resume_from_other_architecture_is_a_clear_error(shapes_shards, tmp_path
     assert proc.returncode == 2 and "model.name='debug'" in proc.stderr and "ViT-S-32" in proc.stderr
 
 
-def test_torchrun_two_processes_gloo(shapes_shards, tmp_path):
+@pytest.mark.parametrize("impl", ["gather", "grouped"])
+def test_torchrun_two_processes_gloo(shapes_shards, tmp_path, impl):
     out = tmp_path / "ddp"
     cmd = [
         sys.executable,
@@ -104,7 +105,7 @@ def test_torchrun_two_processes_gloo(shapes_shards, tmp_path):
         "vlp.train",
         "--config",
         "configs/demo.yaml",
-        *_sets(shapes_shards, out, "train.steps=4"),
+        *_sets(shapes_shards, out, "train.steps=4", f"loss.contrastive.impl={impl}", "loss.contrastive.group_size=1"),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
@@ -168,9 +169,17 @@ def test_demo_reduced_steps_beats_chance(tmp_path):
     assert f"report in {out / 'report.json'}" in proc.stdout
 
 
-@pytest.mark.parametrize("precision, accum", [("bf16", 1), ("fp32", 2)])
-def test_trainer_in_process_precision_and_accumulation(shapes_shards, tmp_path, precision, accum):
-    """bf16 autocast on CPU, and exact accumulation through the real Trainer, for a few steps."""
+@pytest.mark.parametrize(
+    "precision, accum, extra",
+    [
+        ("bf16", 1, []),
+        ("fp32", 2, ["loss.contrastive.impl=tiled", "loss.contrastive.tile_size=5", "loss.uniform_weight=0.1"]),
+        ("fp32", 2, ["model.name=debug-siglip", "loss.contrastive.type=siglip", "loss.contrastive.impl=ring"]),
+    ],
+    ids=["bf16", "tiled-accum-uniform", "siglip-accum"],
+)
+def test_trainer_in_process_precision_and_accumulation(shapes_shards, tmp_path, precision, accum, extra):
+    """bf16 autocast on CPU, exact accumulation and the loss options through the real Trainer."""
     from vlp.config import load_config
     from vlp.train.trainer import Trainer
 
@@ -193,3 +202,16 @@ def test_trainer_in_process_precision_and_accumulation(shapes_shards, tmp_path, 
     losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 3 and all(0 < x < 20 for x in losses)
     assert summary["step"] == 3 and os.path.isfile(summary["checkpoint"])
+
+
+def test_group_size_must_divide_world_size_at_start(tmp_path):
+    from vlp.config import ConfigError, load_config
+    from vlp.train.backends import DistEnv
+    from vlp.train.trainer import Trainer
+
+    cfg = load_config(
+        None, ["loss.contrastive.impl=grouped", "loss.contrastive.group_size=3", f"train.output_dir={tmp_path}"]
+    )
+    with pytest.raises(ConfigError, match="group_size=3 does not divide the world size 2"):
+        Trainer(cfg, env=DistEnv(rank=0, world=2))
+    assert not any(tmp_path.iterdir())  # nothing written

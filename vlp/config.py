@@ -59,13 +59,29 @@ class DataConfig:
 @dataclass
 class ContrastiveConfig:
     weight: float = _f(1.0, "Weight of the contrastive term in the objective.")
-    impl: Literal["gather"] = _f("gather", "Implementation: `gather` (all-gather with exact gradients).")
-    label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy targets.")
+    type: Literal["clip", "siglip"] = _f(
+        "clip", "`clip`: softmax InfoNCE; `siglip`: pairwise sigmoid (needs an architecture with a logit bias)."
+    )
+    impl: Literal["gather", "tiled", "grouped", "ring"] = _f(
+        "gather",
+        "clip: `gather` (B x N logits), `tiled` (streamed, O(tile^2) logits), `grouped` (gather within "
+        "`group_size` ranks); siglip: `gather` or `ring` (one B x B block at a time).",
+    )
+    tile_size: int = _f(1024, "Rows/columns per tile of the `tiled` implementation.")
+    group_size: int = _f(0, "Ranks per contrastive group of `grouped` (0 = all ranks); must divide the world size.")
+    label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy targets (clip).")
+    dcl: bool = _f(False, "Decoupled contrastive loss: the positive is left out of the denominator (clip).")
+    own_negatives: bool = _f(
+        False, "Hard negatives only against their own image (default: every image sees every negative)."
+    )
 
 
 @dataclass
 class LossConfig:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    align_weight: float = _f(0.0, "Weight of the alignment regulariser mean ||x_i - y_i||^2 (0 = off).")
+    uniform_weight: float = _f(0.0, "Weight of the uniformity regulariser on both towers (0 = off).")
+    uniform_t: float = _f(2.0, "Temperature t of the uniformity kernel exp(-t ||x_i - x_j||^2).")
 
 
 @dataclass
@@ -134,7 +150,18 @@ class Config:
             ("train.betas", len(self.train.betas) == 2, "must be two numbers, e.g. [0.9, 0.98]"),
             ("data.train_crop_scale", len(self.data.train_crop_scale) == 2, "must be [min, max]"),
             ("train.logit_scale_max", self.train.logit_scale_max > 1, "must be > 1"),
+            ("loss.contrastive.tile_size", self.loss.contrastive.tile_size >= 1, "must be >= 1"),
+            ("loss.contrastive.group_size", self.loss.contrastive.group_size >= 0, "must be >= 0"),
+            ("loss.contrastive.label_smoothing", 0 <= self.loss.contrastive.label_smoothing < 1, "must be in [0, 1)"),
         ]
+        c = self.loss.contrastive
+        valid = {"clip": ("gather", "tiled", "grouped"), "siglip": ("gather", "ring")}[c.type]
+        checks.append(
+            ("loss.contrastive.impl", c.impl in valid, f"is not an impl of type {c.type}: {', '.join(valid)}")
+        )
+        checks.append(
+            ("loss.contrastive.dcl", not (c.dcl and c.label_smoothing), "cannot be combined with label_smoothing")
+        )
         if self.data.train_weights:
             ok = len(self.data.train_weights) == len(self.data.train_shards)
             checks.append(("data.train_weights", ok, "needs one weight per data.train_shards entry"))

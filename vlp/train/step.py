@@ -63,7 +63,8 @@ def _cached_accumulation(model, objective, micro_batches, device, autocast, scal
             cached.append(_forward(model, batch, device, autocast))
     after_rng = _rng_state(device)
     keys = [k for k, v in cached[0].items() if torch.is_tensor(v) and v.is_floating_point()]
-    batched = [k for k in keys if cached[0][k].ndim >= 1 and cached[0][k].shape[0] == len(micro_batches[0]["caption"])]
+    # per-sample outputs (B x D features, B x K x D negatives) are concatenated; the scale and bias are shared
+    batched = [k for k in keys if cached[0][k].ndim >= 2]
     leaves = {}
     for k in keys:
         # per-sample outputs are concatenated; shared ones (logit scale) are the same in every micro-batch

@@ -42,6 +42,7 @@ class Trainer:
         self.cfg = cfg
         self.env = env or backends.init_distributed(cfg.train)
         t, dev = cfg.train, self.env.device
+        self._check_settings()
         _seed_everything(t.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
         self.model, self.mean, self.std = build_model(cfg.model.name, pretrained=cfg.model.pretrained)
         self.model.to(dev)
@@ -59,14 +60,18 @@ class Trainer:
         self.eval_results: list[dict] = []
         self.last_eval_step = -1
         self.last_checkpoint: Path | None = None
-        self._check_eval_settings()
         _seed_everything(t.seed + 1000 * self.env.rank)  # per-rank streams for dropout etc.
 
-    def _check_eval_settings(self) -> None:
-        """Mistakes in the eval settings stop the run now, not after hours of training."""
+    def _check_settings(self) -> None:
+        """Mistakes that depend on the launch or the eval data stop the run now, not hours later."""
         from vlp.data.shardlists import expand_urls
         from vlp.eval.registry import get_task
 
+        c = self.cfg.loss.contrastive
+        if c.impl == "grouped" and c.group_size and self.env.world % c.group_size:
+            raise ConfigError(
+                f"loss.contrastive.group_size={c.group_size} does not divide the world size {self.env.world}"
+            )
         for task in self.cfg.eval.tasks:
             get_task(task)
         for pattern in self.cfg.data.val_shards:
