@@ -135,8 +135,8 @@ def test_build_classifier_batches_prompts():
     encoder = BagOfWordsEncoder(vocab=110, dim=5)
     w_big = build_classifier(encoder, word_tokenizer, ["1", "2", "3"], TEMPLATES)
     encoder.calls.clear()
-    w_small = build_classifier(encoder, word_tokenizer, ["1", "2", "3"], TEMPLATES, batch_size=4)
-    assert encoder.calls == [4, 4, 1]  # 9 prompts
+    w_small = build_classifier(encoder, word_tokenizer, ["1", "2", "3"], TEMPLATES, batch_size=2)
+    assert encoder.calls == [2, 1, 2, 1, 2, 1]  # 3 templates per class, each class on its own
     torch.testing.assert_close(w_small, w_big)
 
 

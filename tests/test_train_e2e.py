@@ -29,6 +29,8 @@ def _sets(shards, out, *extra):
         "train.log_every=1",
         "train.checkpoint_every=3",
         "train.eval_every=0",
+        "eval.data=[]",
+        "eval.tasks=[zeroshot_classification,zeroshot_retrieval]",
         *extra,
     ]
     return [a for s in base for a in ("--set", s)]
@@ -56,7 +58,7 @@ def test_train_writes_run_folder(shapes_shards, tmp_path):
     assert any(p.name.startswith("events") for p in (out / "tensorboard").iterdir())
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    final = [r for r in records if "eval/retrieval/image_retrieval_recall@1" in r]
+    final = [r for r in records if "eval/zeroshot_retrieval/image_retrieval_recall@1" in r]
     assert final and final[-1]["step"] == 6 and final[-1]["eval/zeroshot_classification/num_samples"] == 64
 
 
@@ -124,6 +126,7 @@ def test_bad_data_run_completes_and_reports(bad_shards, tmp_path):
     sets = [
         f"data.train_shards=['{bad_shards['pattern']}']",
         "data.val_shards=[]",
+        "eval.data=[]",
         "data.workers=0",
         "data.batch_size=4",
         "data.max_image_pixels=40000",
@@ -188,6 +191,7 @@ def test_trainer_in_process_precision_and_accumulation(shapes_shards, tmp_path, 
         [
             f"data.train_shards=['{shapes_shards['train']}']",
             "data.val_shards=[]",
+            "eval.data=[]",
             "data.workers=0",
             "data.batch_size=8",
             f"model.precision={precision}",

@@ -58,6 +58,29 @@ def _add_shards(sub) -> None:
     g.add_argument("--allow-outside-root", action="store_true", help="accept image paths outside --images-root")
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint (torchrun: python -m vlp.eval shards the data)")
+    p.add_argument(
+        "--task",
+        action="append",
+        required=True,
+        help="zeroshot_classification | zeroshot_retrieval | compositional | counting (repeatable)",
+    )
+    p.add_argument(
+        "--data", action="append", required=True, help="data of each --task, in order (one --data serves every task)"
+    )
+    p.add_argument("--checkpoint", default="", help="vlp checkpoint, or open_clip file / safetensors with --model")
+    p.add_argument("--model", help="architecture (needed for open_clip files; alone: random init)")
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--workers", type=int, default=2, help="image loading workers per rank")
+    p.add_argument("--classnames", help="file (one per line) or 'imagenet' (default: folder names / _info.json)")
+    p.add_argument("--templates", help="file with {c}, 'imagenet' (80) or 'imagenet-simple' (7)")
+    p.add_argument("--images-root", help="folder of SugarCrepe-style image file names")
+    p.add_argument("--output", default="results.json", help="JSON results (CLIP_benchmark's shape)")
+    p.add_argument("--plots", action="store_true", help="also write PNG plots (counting confusion) beside --output")
+    p.add_argument("--device", default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlp", description="vision-language pretraining")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -65,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_demo(sub)
     _add_shards(sub)
+    _add_eval(sub)
     return parser
 
 
@@ -123,12 +147,18 @@ def cmd_shards(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from vlp.eval.cli import run_eval_command
+
+    return run_eval_command(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-    handlers = {"train": cmd_train, "demo": cmd_demo, "shards": cmd_shards}
+    # other libraries log chatty INFO lines on the root logger; vlp's own INFO lines stay visible
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("vlp").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    handlers = {"train": cmd_train, "demo": cmd_demo, "shards": cmd_shards, "eval": cmd_eval}
     try:
         return handlers[args.command](args)
     except (ConfigError, FileNotFoundError) as e:
@@ -136,7 +166,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ValueError as e:
         # data/config problems found before work starts carry their own actionable message
-        if type(e).__name__ in ("DataConfigError", "ShardError", "CheckpointError", "UnknownModelError"):
+        known = (
+            "DataConfigError",
+            "ShardError",
+            "CheckpointError",
+            "UnknownModelError",
+            "EvalDataError",
+            "UnknownTaskError",
+        )
+        if type(e).__name__ in known:
             print(f"vlp {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise

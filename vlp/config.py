@@ -117,11 +117,14 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: list[str] = _f(["zeroshot_classification", "retrieval"], "Eval tasks run on `data.val_shards`.")
+    tasks: list[str] = _f(
+        ["zeroshot_classification", "zeroshot_retrieval"],
+        "Eval tasks: zeroshot_classification, zeroshot_retrieval, compositional, counting.",
+    )
+    data: list[str] = _f([], "Data of each eval task, in the order of `tasks` (empty = `data.val_shards`).")
     batch_size: int = _f(256, "Batch size of feature extraction.")
-    classnames: list[str] = _f([], "Class names for zero-shot (empty = from the val shards' _info.json).")
-    templates: list[str] = _f([], "Prompt templates with `{c}` (empty = from the val shards' _info.json).")
-    max_samples: int = _f(0, "Evaluate at most N val samples (0 = all).")
+    classnames: list[str] = _f([], "Class names for zero-shot (empty = from the data: folders or _info.json).")
+    templates: list[str] = _f([], "Prompt templates with `{c}` (empty = from the data, else ImageNet's 7).")
 
 
 @dataclass
@@ -162,6 +165,9 @@ class Config:
         checks.append(
             ("loss.contrastive.dcl", not (c.dcl and c.label_smoothing), "cannot be combined with label_smoothing")
         )
+        if self.eval.data:
+            ok = len(self.eval.data) == len(self.eval.tasks)
+            checks.append(("eval.data", ok, "needs one entry per eval.tasks entry"))
         if self.data.train_weights:
             ok = len(self.data.train_weights) == len(self.data.train_shards)
             checks.append(("data.train_weights", ok, "needs one weight per data.train_shards entry"))

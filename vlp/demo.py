@@ -15,6 +15,7 @@ VAL_START = 10_000_000  # held-out sample indices never used for training
 
 def make_demo_data(data_dir: Path, seed: int = 0) -> tuple[dict, dict]:
     from vlp.data.shards import write_synthetic_shards
+    from vlp.eval.synthetic_layouts import export_eval_layouts
 
     train = write_synthetic_shards(
         data_dir / "train", TRAIN_SAMPLES, seed=seed, max_samples_per_shard=PER_SHARD, prefix="shapes"
@@ -28,6 +29,8 @@ def make_demo_data(data_dir: Path, seed: int = 0) -> tuple[dict, dict]:
         max_samples_per_shard=PER_SHARD,
         prefix="shapes",
     )
+    # held-out compositional and counting benchmarks, from index ranges used by no other split
+    export_eval_layouts(data_dir / "eval", num_images=VAL_SAMPLES, seed=seed, start_index=2 * VAL_START)
     return train, val
 
 
@@ -38,6 +41,8 @@ def demo_config(out: Path, steps: int | None, overrides: list[str]):
     sets = [
         f"data.train_shards=['{data}/train/shapes-{{000000..{TRAIN_SAMPLES // PER_SHARD - 1:06d}}}.tar']",
         f"data.val_shards=['{data}/val/shapes-000000.tar']",
+        f"eval.data=['{data}/val/shapes-000000.tar', '{data}/val/shapes-000000.tar', "
+        f"'{data}/eval/compositional.jsonl', '{data}/eval/counting.jsonl']",
         f"train.output_dir={out / 'run'}",
     ]
     if steps is not None:
@@ -47,18 +52,24 @@ def demo_config(out: Path, steps: int | None, overrides: list[str]):
 
 def build_report(summary: dict, cfg, seconds: float) -> dict:
     ev = summary["eval"]
+    zs, rt = "zeroshot_classification/", "zeroshot_retrieval/"
     return {
-        "zeroshot_acc1": ev.get("zeroshot_classification/acc1"),
-        "zeroshot_acc5": ev.get("zeroshot_classification/acc5"),
-        "zeroshot_mean_per_class_recall": ev.get("zeroshot_classification/mean_per_class_recall"),
-        "zeroshot_chance": ev.get("zeroshot_classification/chance"),
-        "retrieval_i2t_r1": ev.get("retrieval/text_retrieval_recall@1"),
-        "retrieval_t2i_r1": ev.get("retrieval/image_retrieval_recall@1"),
-        "retrieval_i2t_r5": ev.get("retrieval/text_retrieval_recall@5"),
-        "retrieval_t2i_r5": ev.get("retrieval/image_retrieval_recall@5"),
-        "retrieval_chance_r1": ev.get("retrieval/chance_image_retrieval_recall@1"),
-        "retrieval_chance_r5": ev.get("retrieval/chance_image_retrieval_recall@5"),
-        "num_val_images": ev.get("retrieval/num_images"),
+        "zeroshot_acc1": ev.get(zs + "acc1"),
+        "zeroshot_acc5": ev.get(zs + "acc5"),
+        "zeroshot_mean_per_class_recall": ev.get(zs + "mean_per_class_recall"),
+        "zeroshot_chance": ev.get(zs + "chance"),
+        "retrieval_i2t_r1": ev.get(rt + "text_retrieval_recall@1"),
+        "retrieval_t2i_r1": ev.get(rt + "image_retrieval_recall@1"),
+        "retrieval_i2t_r5": ev.get(rt + "text_retrieval_recall@5"),
+        "retrieval_t2i_r5": ev.get(rt + "image_retrieval_recall@5"),
+        "retrieval_chance_r1": ev.get(rt + "chance_image_retrieval_recall@1"),
+        "retrieval_chance_r5": ev.get(rt + "chance_image_retrieval_recall@5"),
+        "compositional_acc": ev.get("compositional/acc"),
+        "compositional_chance": ev.get("compositional/chance"),
+        "counting_acc": ev.get("counting/acc"),
+        "counting_mae": ev.get("counting/mae"),
+        "counting_chance": ev.get("counting/chance"),
+        "num_val_images": ev.get(rt + "num_images"),
         "steps": summary["step"],
         "train_seconds": round(seconds, 1),
         "checkpoint": summary["checkpoint"],
@@ -92,9 +103,13 @@ def print_summary(report: dict, out: Path) -> None:
         ("image->text R@1", report["retrieval_i2t_r1"], report["retrieval_chance_r1"]),
         ("text->image R@1", report["retrieval_t2i_r1"], report["retrieval_chance_r1"]),
         ("image->text R@5", report["retrieval_i2t_r5"], report["retrieval_chance_r5"]),
+        ("compositional acc", report["compositional_acc"], report["compositional_chance"]),
+        ("counting acc", report["counting_acc"], report["counting_chance"]),
     ]
     print(f"\n{'metric':<18}{'vlp demo':>10}{'chance':>10}")
     for name, value, chance in rows:
+        if value is None:
+            continue
         print(f"{name:<18}{value:>10.3f}{chance:>10.3f}")
     print(f"\ntrained {report['steps']} steps in {report['train_seconds']:.0f}s")
     print(f"vlp demo: report in {out / 'report.json'}, plot in {out / 'report.png'}")

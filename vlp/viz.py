@@ -22,8 +22,10 @@ def plot_run(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     ax1.grid(alpha=0.3)
     for key, label in [
         ("eval/zeroshot_classification/acc1", "zero-shot acc@1"),
-        ("eval/retrieval/text_retrieval_recall@1", "image->text R@1"),
-        ("eval/retrieval/image_retrieval_recall@1", "text->image R@1"),
+        ("eval/zeroshot_retrieval/text_retrieval_recall@1", "image->text R@1"),
+        ("eval/zeroshot_retrieval/image_retrieval_recall@1", "text->image R@1"),
+        ("eval/compositional/acc", "compositional acc"),
+        ("eval/counting/acc", "counting acc"),
     ]:
         pts = [(r["step"], r[key]) for r in evals if key in r]
         if pts:
@@ -31,6 +33,36 @@ def plot_run(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     ax2.set(xlabel="step", ylabel="held-out metric", title="evaluation", ylim=(0, 1))
     ax2.grid(alpha=0.3)
     ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def plot_confusion(confusion, labels, out_png: str | Path) -> Path:
+    """A heat map of a confusion matrix (rows: true, columns: predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    im = ax.imshow(confusion, cmap="Blues")
+    ax.set(
+        xticks=range(len(labels)),
+        yticks=range(len(labels)),
+        xticklabels=labels,
+        yticklabels=labels,
+        xlabel="predicted count",
+        ylabel="true count",
+        title="counting",
+    )
+    for i, row in enumerate(confusion.tolist() if hasattr(confusion, "tolist") else confusion):
+        for j, v in enumerate(row):
+            if v:
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

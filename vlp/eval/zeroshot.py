@@ -127,7 +127,9 @@ def build_classifier(
         templates: T templates, each a str formatted with ``.format(c=classname)`` or a callable
             ``classname -> str``.
         device: where tokens are sent (and the result lives).
-        batch_size: prompts per ``encode_text`` call (prompts of different classes are mixed).
+        batch_size: prompts per ``encode_text`` call. Each class's prompts are encoded in their own
+            calls, as CLIP_benchmark does: the same batch shapes give bit-identical features, which
+            matters for an untrained model whose logits nearly tie.
     Returns:
         float32 Tensor[D, C] with unit-norm columns.
     Raises:
@@ -136,8 +138,12 @@ def build_classifier(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     prompts = build_prompts(classnames, templates)
-    feats_PD = _encode_prompts(encode_text, tokenizer, prompts, device, batch_size)
-    feats_CTD = feats_PD.view(len(classnames), len(templates), -1)
+    T = len(templates)
+    per_class = [
+        _encode_prompts(encode_text, tokenizer, prompts[c * T : (c + 1) * T], device, batch_size)
+        for c in range(len(classnames))
+    ]
+    feats_CTD = torch.stack(per_class)
     class_CD = F.normalize(feats_CTD.mean(dim=1), dim=-1)
     return class_CD.T.contiguous()
 

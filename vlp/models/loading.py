@@ -122,8 +122,8 @@ def load_model(path_or_name: str, model_name: str | None = None, device: str = "
             name = model_name
         model, mean, std = build_model(name)
         load_state_dict_checked(model, extract_state_dict(obj), path, name)
-    elif model_name is None and "/" not in str(path_or_name) and not path.suffix:
-        name = str(path_or_name)
+    elif "/" not in str(path_or_name) and not path.suffix and model_name in (None, str(path_or_name)):
+        name = str(path_or_name)  # an architecture name: random weights
         model, mean, std = build_model(name)
     else:
         raise FileNotFoundError(f"checkpoint not found: {path_or_name}")

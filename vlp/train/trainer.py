@@ -16,9 +16,11 @@ import torch
 import vlp
 from vlp.config import Config, ConfigError, save_config
 from vlp.data.decode import SKIP_KINDS
+from vlp.data.tokenizer import get_tokenizer
+from vlp.data.transforms import eval_transform
 from vlp.losses import Objective
 from vlp.models.loading import CHECKPOINT_FORMAT, CheckpointError, load_state_dict_checked
-from vlp.models.registry import build_model
+from vlp.models.registry import build_model, image_size
 from vlp.train import backends
 from vlp.train.checkpoint import Checkpointer
 from vlp.train.data import build_train_loader, resolve_total_steps
@@ -43,9 +45,12 @@ class Trainer:
         self.env = env or backends.init_distributed(cfg.train)
         t, dev = cfg.train, self.env.device
         self._check_settings()
+        self.eval_specs = self._load_eval_specs()
         _seed_everything(t.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
         self.model, self.mean, self.std = build_model(cfg.model.name, pretrained=cfg.model.pretrained)
         self.model.to(dev)
+        self.tokenizer = get_tokenizer(cfg.model.name)
+        self.eval_preprocess = eval_transform(image_size(self.model), self.mean, self.std)
         self.ddp_model = backends.wrap_model(self.model, self.env)
         self.objective = Objective(cfg.loss)
         self.total_steps = resolve_total_steps(cfg, self.env.world)
@@ -64,18 +69,30 @@ class Trainer:
 
     def _check_settings(self) -> None:
         """Mistakes that depend on the launch or the eval data stop the run now, not hours later."""
-        from vlp.data.shardlists import expand_urls
-        from vlp.eval.registry import get_task
-
         c = self.cfg.loss.contrastive
         if c.impl == "grouped" and c.group_size and self.env.world % c.group_size:
             raise ConfigError(
                 f"loss.contrastive.group_size={c.group_size} does not divide the world size {self.env.world}"
             )
-        for task in self.cfg.eval.tasks:
+
+    def _load_eval_specs(self) -> list:
+        """The eval tasks' data, read once (images stay on disk; WebDataset bytes in memory)."""
+        from vlp.eval.datasets import load_eval_data, load_templates
+        from vlp.eval.tasks import ALIASES, get_task
+
+        e = self.cfg.eval
+        paths = e.data or ([self.cfg.data.val_shards[0]] * len(e.tasks) if self.cfg.data.val_shards else [])
+        specs = []
+        for task, path in zip(e.tasks, paths):
+            task = ALIASES.get(task, task)
             get_task(task)
-        for pattern in self.cfg.data.val_shards:
-            expand_urls(pattern, "data.val_shards")
+            kw = {"classnames": e.classnames} if task == "zeroshot_classification" and e.classnames else {}
+            data = load_eval_data(task, path, **kw)
+            templates = None
+            if task == "zeroshot_classification":
+                templates = load_templates(e.templates or data.templates or "imagenet-simple")
+            specs.append((task, data, templates))
+        return specs
 
     # ---- the loop -------------------------------------------------------------------------
     def train(self) -> dict:
@@ -150,17 +167,22 @@ class Trainer:
 
     def maybe_evaluate(self, force: bool = False) -> dict | None:
         every = self.cfg.train.eval_every
-        if not self.cfg.data.val_shards or not (force or (every and self.step % every == 0)):
+        if not self.eval_specs or not (force or (every and self.step % every == 0)):
             return None
-        results = None
-        self.last_eval_step = self.step
-        if self.env.is_main:
-            from vlp.eval.runner import evaluate
+        from vlp.eval.run import evaluate_tasks, flat_metrics
+        from vlp.eval.tasks import EvalContext
 
-            results = evaluate(self.model, self.cfg, self.mean, self.std, device=self.env.device)
-            self.eval_results.append({"step": self.step, **results})
-            self.logger.log(self.step, {f"eval/{k}": v for k, v in results.items()})
-        backends.barrier(self.env)
+        self.last_eval_step = self.step
+        ctx = EvalContext(
+            env=self.env,
+            preprocess=self.eval_preprocess,
+            batch_size=self.cfg.eval.batch_size,
+            plots_dir=self.out_dir / "eval",
+        )
+        # every rank extracts its share of the features; all get the same results
+        results = flat_metrics(evaluate_tasks(self.model, self.tokenizer, self.eval_specs, ctx))
+        self.eval_results.append({"step": self.step, **results})
+        self.logger.log(self.step, {f"eval/{k}": v for k, v in results.items()})
         return results
 
     def maybe_checkpoint(self, force: bool = False) -> None:

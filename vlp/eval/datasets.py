@@ -1,0 +1,399 @@
+"""Evaluation data layouts (ImageFolder, JSONL, SugarCrepe JSON, WebDataset) -> :class:`EvalData`.
+
+``EvalData.images`` holds absolute path strings, or for WebDataset layouts the raw encoded bytes
+(eval sets are small: holding the bytes saves a second pass over the tars); :class:`ImageList`
+decodes either lazily. Fatal problems raise :class:`EvalDataError` naming the file (and line); bad
+rows and missing images are skipped and counted by kind in ``EvalData.skipped``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from vlp.data.decode import SkipCounter, decode_caption, decode_image
+from vlp.data.shardlists import DataConfigError, expand_urls
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")  # shard members tried, in order, for the image
+IMAGE_EXTENSIONS = tuple(f".{k}" for k in IMAGE_KEYS)
+MAX_IMAGE_PIXELS = 50_000_000
+NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten"}
+PathSpec = str | os.PathLike | Sequence[str]
+# (where, image path or bytes, record): the record maps EvalData list fields to this row's value,
+# or is a skip kind (str) when the row is unusable.
+Row = tuple[str, str | bytes | None, dict | str]
+
+
+class EvalDataError(ValueError):
+    """Evaluation data that cannot be used; the message names the file (and line)."""
+
+
+@dataclass
+class EvalData:
+    """One evaluation set: N images (path ``str`` or encoded ``bytes``) plus per-task fields."""
+
+    images: list
+    labels: list[int] | None = None  # zeroshot_classification: class index per image
+    classnames: list[str] | None = None  # zeroshot_classification
+    templates: list | None = None  # zeroshot_classification: found beside the data, else None
+    captions: list[str] | None = None  # retrieval: all captions flattened; counting: one per image
+    text_to_image: list[int] | None = None  # retrieval: image index of each caption
+    positives: list[str] | None = None  # compositional
+    negatives: list[list[str]] | None = None  # compositional
+    types: list[str | None] | None = None  # compositional
+    counts: list[int] | None = None  # counting
+    skipped: dict[str, int] = field(default_factory=dict)
+    name: str = ""  # dataset name for the JSON output (folder or file stem)
+
+
+class ImageList(Dataset):
+    """``images`` (paths or bytes) -> items ``(i, preprocess(image), "")`` or ``(i, None, kind)``,
+    kind: missing_image, unreadable_image, corrupt_image or image_too_large (> ``max_pixels``).
+    Failures travel in the items, not in a counter here, because DataLoader workers hold copies.
+    """
+
+    def __init__(self, images: Sequence[str | bytes], preprocess: Callable, max_pixels: int = MAX_IMAGE_PIXELS):
+        self.images, self.preprocess, self.max_pixels = images, preprocess, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        data = self.images[i]
+        if not isinstance(data, (bytes, bytearray)):
+            try:
+                data = Path(data).read_bytes()
+            except FileNotFoundError:
+                return i, None, "missing_image"
+            except OSError:  # a directory, no permission, an I/O error
+                return i, None, "unreadable_image"
+        image, kind = decode_image(bytes(data), self.max_pixels)
+        return (i, None, kind) if image is None else (i, self.preprocess(image), "")
+
+    @staticmethod
+    def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
+        """Items -> ``(indices LongTensor[B], images [B, 3, H, W], failed [(index, kind)])``; B
+        counts the decoded images only (when none, ``images`` is ``torch.empty(0)``)."""
+        good = [(i, x) for i, x, _ in batch if x is not None]
+        indices = torch.tensor([i for i, _ in good], dtype=torch.long)
+        images = torch.stack([x for _, x in good]) if good else torch.empty(0)
+        return indices, images, [(i, kind) for i, x, kind in batch if x is None]
+
+
+def find_number(caption: str, count: int) -> tuple[int, int] | None:
+    """Span ``(start, end)`` of the first whole word of ``caption`` naming ``count`` (an int 2..10):
+    its digits or its word, any case (``"13"``/``"3rd"`` do not match 3); else None."""
+    if type(count) is not int or count not in NUMBER_WORDS:  # type(): a bool is no count
+        return None
+    match = re.search(rf"\b(?:{count}|{NUMBER_WORDS[count]})\b", caption, flags=re.IGNORECASE)
+    return match.span() if match else None
+
+
+def _read_lines(path: Path, what: str) -> list[tuple[int, str]]:
+    """(line number, stripped text) of the non-blank lines; EvalDataError if none or no file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise EvalDataError(f"cannot read the {what} file {path}: {e.strerror or e}") from None
+    if not (rows := [(n, s) for n, line in enumerate(text.splitlines(), 1) if (s := line.strip())]):
+        raise EvalDataError(f"{path}: no {what} in the file")
+    return rows
+
+
+def load_classnames(spec: str | os.PathLike | Sequence[str]) -> list[str]:
+    """Class names from a list, a file (one per line) or ``"imagenet"`` (open_clip's 1000).
+    Raises EvalDataError for a missing or empty file or an empty list."""
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise EvalDataError("classnames is an empty list")
+        return [str(name) for name in spec]
+    if str(spec) == "imagenet":
+        from open_clip import zero_shot_metadata
+
+        return list(zero_shot_metadata.IMAGENET_CLASSNAMES)
+    return [line for _, line in _read_lines(Path(spec), "class names")]
+
+
+def load_templates(spec: str | os.PathLike | Sequence) -> list:
+    """Templates from a file (one per line), ``"imagenet"`` (open_clip's 80 OpenAI templates,
+    callables), ``"imagenet-simple"`` (open_clip's 7) or a list of str/callables. Raises
+    EvalDataError: missing/empty file or list, a template without ``{c}`` or with other fields
+    (naming the file and line, or the list index)."""
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise EvalDataError("templates is an empty list")
+        rows = [(f"templates[{i}]", template) for i, template in enumerate(spec)]
+    elif str(spec) in ("imagenet", "imagenet-simple"):
+        from open_clip import zero_shot_metadata as meta
+
+        return list(meta.OPENAI_IMAGENET_TEMPLATES if str(spec) == "imagenet" else meta.SIMPLE_IMAGENET_TEMPLATES)
+    else:
+        rows = [(f"{spec}:{n}", template) for n, template in _read_lines(Path(spec), "templates")]
+    for where, template in (row for row in rows if not callable(row[1])):
+        if not isinstance(template, str) or "{c}" not in template:
+            raise EvalDataError(f"{where}: template {template!r} has no '{{c}}' placeholder for the class name")
+        try:
+            template.format(c="x")
+        except (KeyError, IndexError, ValueError) as e:
+            raise EvalDataError(f"{where}: template {template!r} has fields other than '{{c}}' ({e!r})") from None
+    return [template for _, template in rows]
+
+
+def _collect(source, name: str, rows: Iterable[Row], skips: SkipCounter | None = None, **extra) -> EvalData:
+    """Rows -> EvalData; a list under ``captions`` is flattened (with ``text_to_image``).
+    Raises EvalDataError when no row is usable."""
+    skips, lists, images = skips or SkipCounter(), {}, []
+    for where, image, record in rows:
+        if not isinstance(record, str) and isinstance(image, str) and not os.path.isfile(image):
+            record = "missing_image"
+        if isinstance(record, str):
+            skips.add(record, where, image if isinstance(image, str) else "")
+            continue
+        for key, value in record.items():
+            if key == "captions" and isinstance(value, list):
+                lists.setdefault("text_to_image", []).extend([len(images)] * len(value))
+                lists.setdefault(key, []).extend(value)
+            else:
+                lists.setdefault(key, []).append(value)
+        images.append(image)
+    if not images:
+        raise EvalDataError(f"{source}: no usable samples; skipped: {dict(skips.counts) or 'none'}")
+    return EvalData(images=images, name=name, skipped=dict(skips.counts), **extra, **lists)
+
+
+def _shard_urls(path: PathSpec) -> list[str] | None:
+    """Expanded shard urls when ``path`` is shard patterns (a list, ``.tar`` or ``{..}``), else None."""
+    if not (isinstance(path, (list, tuple)) or str(path).endswith(".tar") or "{" in str(path)):
+        return None
+    try:
+        return expand_urls(list(path) if isinstance(path, (list, tuple)) else [str(path)], "eval data")
+    except DataConfigError as e:
+        raise EvalDataError(str(e)) from None
+
+
+def _shard_rows(urls: list[str], skips: SkipCounter, convert: Callable[[dict, dict, str], dict | str]) -> Iterator[Row]:
+    """One row per shard sample; ``convert(raw sample, json metadata, where)`` makes its record."""
+    # the training stream's reader: the same truncated/unreadable-shard detection and counting
+    from vlp.data.stream import _shard_samples
+
+    for url in urls:
+        for raw in _shard_samples(url, skips):
+            where = f"{url}#{raw.get('__key__', '?')}"
+            try:
+                meta = json.loads(raw["json"]) if "json" in raw else {}
+            except ValueError:
+                meta = None
+            if not isinstance(meta, dict):
+                skips.add("bad_json", where)
+                meta = {}
+            image = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
+            yield where, image, convert(raw, meta, where) if image is not None else "missing_image"
+
+
+def _classification_shards(path: PathSpec, urls: list[str], classnames, templates) -> EvalData:
+    """Shards of ``path`` (expanded to ``urls``) -> EvalData; see :func:`load_classification`."""
+    info_file = Path(urls[0]).parent / "_info.json"  # written by `vlp shards`
+    try:
+        info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
+    except ValueError:
+        raise EvalDataError(f"{info_file}: malformed JSON") from None
+    classnames, templates = classnames or info.get("classnames"), templates or info.get("templates")
+    if not classnames:
+        raise EvalDataError(f"{urls[0]}: class names needed: pass classnames or add 'classnames' to {info_file}")
+    names = load_classnames(classnames)
+
+    def label(raw: dict, meta: dict, where: str) -> dict | str:
+        try:  # int() parses bytes such as b"3\n" (a cls member); json gives an int
+            value = int(raw["cls"]) if "cls" in raw else meta.get("cls")
+        except ValueError:
+            value = None
+        if type(value) is not int:  # type(): a bool is no label
+            return "missing_label"
+        if not 0 <= value < len(names):
+            raise EvalDataError(f"{where}: label {value} outside the {len(names)} class names")
+        return {"labels": value}
+
+    templates = load_templates(templates) if templates else None
+    skips = SkipCounter()
+    rows = _shard_rows(urls, skips, label)
+    return _collect(path, Path(urls[0]).parent.name, rows, skips, classnames=names, templates=templates)
+
+
+def _classification_folder(root: Path, classnames, templates) -> EvalData:
+    """ImageFolder at ``root`` -> EvalData; see :func:`load_classification`."""
+    if not root.is_dir():
+        raise EvalDataError(f"{root}: not found (expected an image folder <root>/<class>/*.jpg or .tar shards)")
+    # every sub-folder is a class, even an empty one: a zero-shot classifier still scores it
+    folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+    if not folders:
+        raise EvalDataError(f"{root}: no class sub-folders (expected <root>/<class>/*.jpg)")
+    if classnames is None and (root / "classnames.txt").is_file():
+        classnames = root / "classnames.txt"
+    names = load_classnames(classnames) if classnames is not None else [p.name.replace("_", " ") for p in folders]
+    if len(names) != len(folders):
+        source = classnames if isinstance(classnames, (str, os.PathLike)) else "the classnames list"
+        raise EvalDataError(f"{root}: {len(folders)} class folders but {len(names)} class names in {source}")
+    if templates is None and (root / "templates.txt").is_file():
+        templates = root / "templates.txt"
+    files = [(label, f) for label, folder in enumerate(folders) for f in sorted(folder.rglob("*"))]
+    rows = [(str(f), os.path.abspath(f), {"labels": k}) for k, f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
+    templates = load_templates(templates) if templates is not None else None
+    return _collect(root, root.name, rows, classnames=names, templates=templates)
+
+
+def load_classification(path: PathSpec, classnames=None, templates=None) -> EvalData:
+    """ImageFolder or WebDataset shards -> images, labels, classnames (and templates if found).
+
+    Folder: classes are the sub-folders sorted by name, named by ``classnames`` (see
+    :func:`load_classnames`), else ``root/classnames.txt``, else folder names with ``_`` -> space;
+    templates (:func:`load_templates`) from ``templates`` or ``root/templates.txt``. Shards: both
+    from the arguments or ``_info.json``; unlabelled samples are counted (``missing_label``).
+    Raises EvalDataError: path/shard not found, no class folder or usable image, class-name count
+    not matching the folders, a label outside the class names, bad class names or templates.
+    """
+    if (urls := _shard_urls(path)) is not None:
+        return _classification_shards(path, urls, classnames, templates)
+    return _classification_folder(Path(path), classnames, templates)
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """("file:line", object) per non-blank line; EvalDataError on a missing file or bad JSON."""
+    if not path.is_file():
+        raise EvalDataError(f"{path}: not found")
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            except ValueError as e:
+                raise EvalDataError(f"{path}:{lineno}: malformed JSON line: {e}") from None
+            yield f"{path}:{lineno}", row
+
+
+def _get(row: dict, key: str, kind: type, where: str, alt: str = ""):
+    """``row[key]`` (else ``[row[alt]]``, a str) checked to be ``kind`` (a list: of str).
+    Raises EvalDataError naming ``where`` if it is missing or of another type."""
+    if alt and key not in row:
+        return [_get(row, alt, str, where)]
+    value = row.get(key)
+    if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
+        wanted = "list of str" if kind is list else kind.__name__
+        raise EvalDataError(f"{where}: field {key!r} must be a {wanted}, got {value!r:.80}")
+    return value
+
+
+def _image(row: dict, key: str, root: Path, where: str) -> str:
+    """Absolute path of the row's image; a relative path is taken from ``root``."""
+    path = Path(_get(row, key, str, where)).expanduser()
+    return os.path.abspath(path if path.is_absolute() else root / path)
+
+
+def _captions(captions: list[str], problem: str = "empty_caption") -> dict | str:
+    captions = [c.strip() for c in captions if c and c.strip()]
+    return {"captions": captions} if captions else problem
+
+
+def _shard_captions(raw: dict, meta: dict, where: str) -> dict | str:
+    """A sample's json ``captions`` list if it has one, else its ``txt``; or the skip kind."""
+    captions = meta.get("captions")
+    if isinstance(captions, list) and all(isinstance(c, str) for c in captions):
+        return _captions(captions)
+    caption, problem = decode_caption(raw.get("txt"))
+    return _captions([caption], problem)
+
+
+def load_retrieval(path: PathSpec) -> EvalData:
+    """JSONL (images relative to its folder) or shards -> images, flat captions, text_to_image.
+    Skipped and counted: a missing image file (``missing_image``; its captions go too), blank
+    captions only (``empty_caption``), for shards also ``missing_caption``/``bad_caption_encoding``.
+    Raises EvalDataError: file not found, malformed line, ``image``/``captions`` of the wrong
+    type, no usable row.
+    """
+    if (urls := _shard_urls(path)) is not None:
+        skips = SkipCounter()
+        return _collect(path, Path(urls[0]).parent.name, _shard_rows(urls, skips, _shard_captions), skips)
+    path = Path(path)
+    rows = (
+        (where, _image(row, "image", path.parent, where), _captions(_get(row, "captions", list, where, "caption")))
+        for where, row in _jsonl_rows(path)
+    )
+    return _collect(path, path.stem, rows)
+
+
+def _sugarcrepe_rows(path: Path, images_root: Path) -> Iterator[Row]:
+    """Rows of SugarCrepe's ``{id: {"filename", "caption", "negative_caption"}}``; type = stem."""
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EvalDataError(f"{path}: cannot read SugarCrepe JSON: {e}") from None
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+        raise EvalDataError(f"{path}: expected SugarCrepe's {{id: {{filename, caption, negative_caption}}}}")
+    for key, entry in entries.items():
+        where = f"{path}[{key!r}]"
+        record = {"positives": _get(entry, "caption", str, where), "types": path.stem}
+        record["negatives"] = [_get(entry, "negative_caption", str, where)]
+        yield where, _image(entry, "filename", images_root, where), record
+
+
+def load_compositional(path: str | os.PathLike, images_root: str | os.PathLike | None = None) -> EvalData:
+    """JSONL rows or a SugarCrepe ``.json`` file -> images, positives, negatives, types.
+    JSONL: ``{"image", "positive", "negatives": [str] (or "negative": str), "type": str?}``.
+    Images are relative to ``images_root`` (default: the file's folder); rows with a missing
+    image are skipped and counted (``missing_image``). Raises EvalDataError: file not found,
+    malformed JSON, a field missing or of the wrong type, empty negatives, no usable row.
+    """
+    path = Path(path)
+    root = Path(images_root) if images_root is not None else path.parent
+
+    def rows() -> Iterator[Row]:
+        for where, row in _jsonl_rows(path):
+            record = {"positives": _get(row, "positive", str, where)}
+            record["negatives"] = _get(row, "negatives", list, where, alt="negative")
+            if not record["negatives"]:
+                raise EvalDataError(f"{where}: 'negatives' is empty")
+            record["types"] = _get(row, "type", str, where) if row.get("type") is not None else None
+            yield where, _image(row, "image", root, where), record
+
+    return _collect(path, path.stem, _sugarcrepe_rows(path, root) if path.suffix.lower() == ".json" else rows())
+
+
+def load_counting(path: str | os.PathLike) -> EvalData:
+    """JSONL ``{"image", "caption", "count"}`` -> images, captions, counts.
+    Skipped and counted: a count that is not an int in 2..10 (``bad_count``), a caption without
+    the count's digits or word (``caption_without_number``, see :func:`find_number`), a missing
+    image (``missing_image``). Raises EvalDataError: file not found, malformed line,
+    ``image``/``caption`` not a str, no usable row.
+    """
+    path = Path(path)
+
+    def rows() -> Iterator[Row]:
+        for where, row in _jsonl_rows(path):
+            caption, count = _get(row, "caption", str, where).strip(), row.get("count")
+            bad = "bad_count" if type(count) is not int or count not in NUMBER_WORDS else "caption_without_number"
+            record = {"captions": caption, "counts": count} if find_number(caption, count) else bad
+            yield where, _image(row, "image", path.parent, where), record
+
+    return _collect(path, path.stem, rows())
+
+
+# task name -> loader (retrieval is an alias of zeroshot_retrieval)
+LOADERS = {"zeroshot_classification": load_classification, "zeroshot_retrieval": load_retrieval}
+LOADERS |= {"retrieval": load_retrieval, "compositional": load_compositional, "counting": load_counting}
+
+
+def load_eval_data(task: str, path: PathSpec, **kwargs) -> EvalData:
+    """Load ``path`` with the loader of ``task`` (a key of :data:`LOADERS`); kwargs go to it.
+    Raises EvalDataError for an unknown task, or as the task's loader."""
+    if task not in LOADERS:
+        raise EvalDataError(f"unknown eval task {task!r}; choose from {', '.join(sorted(LOADERS))}")
+    return LOADERS[task](path, **kwargs)

@@ -1,0 +1,279 @@
+"""Export the synthetic shapes data (held-out indices) into every evaluation layout.
+
+``out_dir`` gets::
+
+    classification/<color>_<shape>/<index>.png   single-group scenes, all 36 class folders
+    classification/classnames.txt               plural phrases ("blue circles"), folder-sorted
+    classification/templates.txt                synthetic.ZEROSHOT_TEMPLATES
+    retrieval.jsonl   + retrieval/<index>.png   {"image", "captions": [caption, rephrased]}
+    compositional.jsonl + compositional/<index>.png
+                      {"image", "positive", "negatives": [one], "type"}: one row per negative type
+    counting.jsonl    + counting/<index>.png    {"image", "caption", "count"} with count in 2..6
+    _layouts.json                               parameters and paths, written last
+
+Each layout draws its scenes from its own block of indices (``start_index + k * INDEX_BLOCK``), so
+no image is shared between layouts; scenes a layout cannot use are skipped deterministically.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from vlp.data import synthetic
+
+LAYOUTS_FILE = "_layouts.json"
+LAYOUTS_VERSION = 1  # bump when the files written for given parameters change
+INDEX_BLOCK = 1_000_000  # indices per layout; a layout may use at most this many scenes
+COUNT_RANGE = (2, 6)
+NEGATIVE_TYPES = ("swap_attribute", "replace_attribute", "replace_object")
+LAYOUT_DIRS = {
+    "zeroshot_classification": "classification",
+    "zeroshot_retrieval": "retrieval",
+    "compositional": "compositional",
+    "counting": "counting",
+}
+
+
+def folder_name(label: str) -> str:
+    """Class folder of a shapes label: "red circle" -> "red_circle"."""
+    return label.replace(" ", "_")
+
+
+def size_flags(groups: list[dict], caption: str) -> tuple[bool, ...]:
+    """Which groups of ``caption`` (in caption order) carry their size word.
+
+    Raises:
+        ValueError: no choice of size words reproduces ``caption`` from ``groups``.
+    """
+    for flags in itertools.product((False, True), repeat=len(groups)):
+        if phrase(groups, flags) == caption:
+            return flags
+    raise ValueError(f"caption {caption!r} does not match its groups {groups}")
+
+
+def phrase(groups: list[dict], flags: tuple[bool, ...]) -> str:
+    """Caption of ``groups`` in order, with the size word where ``flags`` says (as make_scene)."""
+    return " and ".join(synthetic.group_phrase(g, f) for g, f in zip(groups, flags))
+
+
+def describes(groups: list[dict], flags: tuple[bool, ...], image_groups: list[dict]) -> bool:
+    """Whether the caption of ``groups``/``flags`` is true of an image holding ``image_groups``.
+
+    True when the groups pair up one-to-one with equal shape, colour and count, and equal size
+    where the caption names it (a caption without size words fits either size).
+    """
+    if len(groups) != len(image_groups):
+        return False
+
+    def same(g: dict, with_size: bool, h: dict) -> bool:
+        return all(g[k] == h[k] for k in ("shape", "color", "count")) and (not with_size or g["size"] == h["size"])
+
+    return any(
+        all(same(g, f, h) for g, f, h in zip(groups, flags, perm)) for perm in itertools.permutations(image_groups)
+    )
+
+
+def rephrase(scene: synthetic.Scene) -> str:
+    """A second true caption: the groups in reverse order, each with its size word toggled."""
+    groups = scene.meta["groups"]
+    flags = size_flags(groups, scene.caption)
+    return phrase(groups[::-1], tuple(not f for f in flags[::-1]))
+
+
+def negatives(scene: synthetic.Scene, seed: int) -> dict[str, str] | None:
+    """``{type: caption}`` for NEGATIVE_TYPES of a 2-group scene, or None if the scene has no
+    valid set (not 2 groups, or swapping the colours gives a caption still true of the image).
+
+    swap_attribute swaps the groups' colours; replace_attribute gives one group a colour absent
+    from the scene; replace_object gives one group a shape absent from the scene. Phrasing (order,
+    size words) is the positive caption's, so only the changed attribute differs.
+    """
+    groups = scene.meta["groups"]
+    if len(groups) != 2:
+        return None
+    flags = size_flags(groups, scene.caption)
+    rng = np.random.default_rng([seed, scene.meta["index"], 1])  # apart from make_scene's stream
+    colors = [c for c in synthetic.COLORS if c not in {g["color"] for g in groups}]
+    shapes = [s for s in synthetic.SHAPES if s not in {g["shape"] for g in groups}]
+    a, b = groups
+    changed = {"swap_attribute": [{**a, "color": b["color"]}, {**b, "color": a["color"]}]}
+    for kind, key, choices in (("replace_attribute", "color", colors), ("replace_object", "shape", shapes)):
+        new = [dict(g) for g in groups]
+        new[int(rng.integers(2))][key] = choices[int(rng.integers(len(choices)))]
+        changed[kind] = new
+    if any(describes(new, flags, groups) for new in changed.values()):
+        return None
+    return {kind: phrase(new, flags) for kind, new in changed.items()}
+
+
+def _accepted(seed: int, start: int, num: int, build: Callable, desc: str, progress: bool, **kwargs) -> Iterator:
+    """``(scene, build(scene))`` for the first ``num`` scenes from ``start`` on where build is not None.
+
+    Raises:
+        ValueError: fewer than ``num`` usable scenes within INDEX_BLOCK indices.
+    """
+    bar = tqdm(total=num, desc=desc, unit="img", disable=None if progress else True, leave=False)
+    made = 0
+    for index in range(start, start + INDEX_BLOCK):
+        if made == num:
+            break
+        scene = synthetic.make_scene(seed, index, **kwargs)
+        result = build(scene)
+        if result is not None:
+            made += 1
+            bar.update(1)
+            yield scene, result
+    bar.close()
+    if made < num:
+        raise ValueError(f"{desc}: only {made} usable scenes in {INDEX_BLOCK} indices; lower num_images")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write via a temporary sibling and rename, so a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    """One JSON object per line, written atomically."""
+    _write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _save(scene: synthetic.Scene, folder: Path) -> str:
+    """Save the scene as ``folder/<index>.png``; returns its path relative to folder's parent."""
+    name = f"{scene.meta['index']}.png"
+    scene.image.save(folder / name, format="PNG")
+    return f"{folder.name}/{name}"
+
+
+def _class_folders() -> dict[str, str]:
+    """Class folder name -> plural class phrase, sorted by folder name (ImageFolder order)."""
+    pairs = zip(synthetic.class_names(), synthetic.zeroshot_classnames())
+    return dict(sorted((folder_name(label), plural) for label, plural in pairs))
+
+
+def _classification(out: Path, scenes: Iterator) -> None:
+    """Class folders (all 36), one PNG per scene in its class's folder, classnames/templates.txt."""
+    root = out / LAYOUT_DIRS["zeroshot_classification"]
+    folders = _class_folders()
+    for name in folders:  # every class, even one without images: zero-shot scores all of them
+        (root / name).mkdir(parents=True, exist_ok=True)
+    for scene, _ in scenes:
+        _save(scene, root / folder_name(scene.meta["label"]))
+    _write_text(root / "classnames.txt", "".join(f"{plural}\n" for plural in folders.values()))
+    _write_text(root / "templates.txt", "".join(f"{t}\n" for t in synthetic.ZEROSHOT_TEMPLATES))
+
+
+def _rows(out: Path, layout: str, scenes: Iterator, make_rows: Callable) -> None:
+    """Save each scene's PNG under ``out/<layout dir>`` and write ``make_rows(image, scene, built)``."""
+    folder = out / LAYOUT_DIRS[layout]
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [row for scene, built in scenes for row in make_rows(_save(scene, folder), scene, built)]
+    _write_jsonl(out / f"{LAYOUT_DIRS[layout]}.jsonl", rows)
+
+
+def _count_in_range(scene: synthetic.Scene) -> int | None:
+    """The single group's count when it lies in COUNT_RANGE, else None (scene not used)."""
+    count = scene.meta["groups"][0]["count"]
+    return count if COUNT_RANGE[0] <= count <= COUNT_RANGE[1] else None
+
+
+def _retrieval_rows(image: str, scene: synthetic.Scene, second: str) -> list[dict]:
+    """One row: the scene's caption and its rephrasing."""
+    return [{"image": image, "captions": [scene.caption, second]}]
+
+
+def _compositional_rows(image: str, scene: synthetic.Scene, negs: dict[str, str]) -> list[dict]:
+    """One row per negative type, each with the scene's caption as the positive."""
+    return [{"image": image, "positive": scene.caption, "negatives": [negs[t]], "type": t} for t in NEGATIVE_TYPES]
+
+
+def _counting_rows(image: str, scene: synthetic.Scene, count: int) -> list[dict]:
+    """One row: the scene's caption (it names the count) and the count."""
+    return [{"image": image, "caption": scene.caption, "count": count}]
+
+
+def _remove_old_images(out: Path) -> None:
+    """Delete PNGs of an earlier export (a smaller one would leave stale images behind)."""
+    folders = [out / LAYOUT_DIRS["zeroshot_classification"] / name for name in _class_folders()]
+    folders += [out / LAYOUT_DIRS[k] for k in ("zeroshot_retrieval", "compositional", "counting")]
+    for folder in folders:
+        for png in folder.glob("*.png") if folder.is_dir() else ():
+            png.unlink()
+
+
+def _layout_paths(out: Path) -> dict[str, str]:
+    """Task name -> path to load: the classification folder, else the layout's JSONL file."""
+    paths = {k: out / (d if k == "zeroshot_classification" else f"{d}.jsonl") for k, d in LAYOUT_DIRS.items()}
+    return {k: str(p) for k, p in paths.items()}
+
+
+def _up_to_date(out: Path, params: dict) -> bool:
+    """Whether ``_layouts.json`` records ``params`` and every layout path exists."""
+    try:
+        stored = json.loads((out / LAYOUTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return stored.get("params") == params and all(os.path.exists(p) for p in _layout_paths(out).values())
+
+
+def export_eval_layouts(
+    out_dir: str | os.PathLike,
+    *,
+    num_images: int = 500,
+    seed: int = 0,
+    start_index: int = 10_000_000,
+    image_size: int = 64,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Write the classification, retrieval, compositional and counting layouts (module docstring).
+
+    ``num_images`` scenes per layout (compositional writes 3 rows per scene, one per negative
+    type). Idempotent: when ``_layouts.json`` holds the same parameters nothing is rewritten.
+
+    Returns:
+        ``{task name: path}`` for vlp.eval.datasets.load_eval_data: zeroshot_classification ->
+        the class-folder root, zeroshot_retrieval/compositional/counting -> their JSONL files.
+
+    Raises:
+        ValueError: num_images < 1 or > INDEX_BLOCK, or bad seed/start_index/image_size.
+    """
+    if not 1 <= num_images <= INDEX_BLOCK:
+        raise ValueError(f"num_images must be in 1..{INDEX_BLOCK}, got {num_images}")
+    # checked before anything is deleted; make_scene would only raise after the cleanup
+    synthetic.make_scene(seed, start_index, image_size=image_size)
+    out = Path(out_dir)
+    params = {"num_images": int(num_images), "seed": int(seed), "start_index": int(start_index)}
+    params["image_size"] = int(image_size)
+    params.update(generator_version=synthetic.SYNTHETIC_VERSION, layouts_version=LAYOUTS_VERSION)
+    if _up_to_date(out, params):
+        return _layout_paths(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / LAYOUTS_FILE).unlink(missing_ok=True)  # an interrupted rewrite must not look complete
+    _remove_old_images(out)
+
+    # (layout, scene -> what its rows need or None to skip the scene, single-group scenes?, row maker)
+    plan = (
+        ("zeroshot_classification", lambda scene: True, True, None),
+        ("zeroshot_retrieval", rephrase, False, _retrieval_rows),
+        ("compositional", lambda scene: negatives(scene, seed), False, _compositional_rows),
+        ("counting", _count_in_range, True, _counting_rows),
+    )
+    for k, (layout, build, single_group, make_rows) in enumerate(plan):
+        start, desc = start_index + k * INDEX_BLOCK, LAYOUT_DIRS[layout]
+        kwargs = {"image_size": image_size, "single_group": single_group}
+        scenes = _accepted(seed, start, num_images, build, desc, progress, **kwargs)
+        if make_rows is None:
+            _classification(out, scenes)
+        else:
+            _rows(out, layout, scenes, make_rows)
+    _write_text(out / LAYOUTS_FILE, json.dumps({"params": params, "layouts": LAYOUT_DIRS}, indent=2) + "\n")
+    return _layout_paths(out)
