@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from vlp.losses.distributed import all_gather_with_grad, group_rank_world, mean_over_ranks
-from vlp.losses.tiled import tiled_lse
+from vlp.losses.tiled import tiled_lse, tiled_lse_both
 
 IMPLS = ("gather", "tiled", "grouped")
 
@@ -48,8 +48,22 @@ def _direction_loss(rows_BD, cols_CD, scale, targets_B, *, extra_BKD, tiled, til
     return loss_B.mean()
 
 
+def _symmetric_tiled(img_ND, txt_ND, scale, *, tile, label_smoothing, dcl):
+    """One process, no hard negatives: both directions from one pass over the tiles."""
+    lse_i2t, lse_t2i = tiled_lse_both(img_ND, txt_ND, scale, exclude_diag=dcl, tile=tile)
+    pos_N = scale * (img_ND * txt_ND).sum(-1)
+    loss = (lse_i2t + lse_t2i) / 2 - (1 - label_smoothing) * pos_N
+    if label_smoothing:
+        n = img_ND.shape[0]
+        both = (img_ND * txt_ND.sum(0)).sum(-1) + (txt_ND * img_ND.sum(0)).sum(-1)
+        loss = loss - label_smoothing / n * scale * both / 2
+    return loss.mean()
+
+
 def _infonce(img_BD, txt_BD, scale, group, neg_BKD, *, own_negatives, tiled, tile, label_smoothing, dcl):
-    rank, _ = group_rank_world(group)
+    rank, world = group_rank_world(group)
+    if tiled and world == 1 and neg_BKD is None:
+        return _symmetric_tiled(img_BD, txt_BD, scale, tile=tile, label_smoothing=label_smoothing, dcl=dcl)
     img_ND = all_gather_with_grad(img_BD, group)
     txt_ND = all_gather_with_grad(txt_BD, group)
     targets_B = torch.arange(img_BD.shape[0], device=img_BD.device) + rank * img_BD.shape[0]

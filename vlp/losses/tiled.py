@@ -5,7 +5,7 @@ D = feature dim, K = per-row extra columns (a sample's own hard negatives), T = 
 
 ``tiled_lse(rows_RD, cols_CD, scale)`` returns ``lse_R[i] = log sum_j exp(scale * rows_i . cols_j)``
 (optionally over extra per-row columns, optionally excluding one column per row). The forward
-keeps a running maximum and sum per row over column tiles; the backward recomputes each tile,
+merges per-tile log-sum-exps into a running value per row; the backward recomputes each tile,
 so peak extra memory is O(T*T + (R + C)*D) instead of O(R*C). All arithmetic is in fp32 whatever
 the input dtype (bf16 features under autocast stay exact to fp32 rounding).
 """
@@ -43,16 +43,14 @@ class _TiledLSE(torch.autograd.Function):
         with torch.autocast(rows.device.type, enabled=False), torch.no_grad():
             for r0, r1 in _blocks(rows.shape[0], tile):
                 ex = exclude_R[r0:r1] if exclude_R is not None else None
-                run_max = torch.full((r1 - r0,), float("-inf"), dtype=work, device=rows.device)
-                run_sum = torch.zeros(r1 - r0, dtype=work, device=rows.device)
+                lse = torch.full((r1 - r0,), float("-inf"), dtype=work, device=rows.device)
                 parts = (_tile_logits(rows[r0:r1], cols[c0:c1], s, ex, c0) for c0, c1 in _blocks(cols.shape[0], tile))
                 if extra is not None:
                     parts = [*parts, s * torch.einsum("rd,rkd->rk", rows[r0:r1], extra[r0:r1])]
                 for logits in parts:
-                    new_max = torch.maximum(run_max, logits.max(dim=1).values)
-                    run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(1)
-                    run_max = new_max
-                lse_R[r0:r1] = run_max + torch.log(run_sum)
+                    # fused per-tile log-sum-exp merged into the running value (stable at any scale)
+                    lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+                lse_R[r0:r1] = lse
         ctx.save_for_backward(rows_RD, cols_CD, scale, extra_RKD, exclude_R, lse_R)
         ctx.tile, ctx.dtypes = tile, dtypes
         return lse_R
@@ -73,10 +71,11 @@ class _TiledLSE(torch.autograd.Function):
                 lse, g = lse_R[r0:r1, None], grad_R[r0:r1, None]
                 for c0, c1 in _blocks(cols.shape[0], ctx.tile):
                     logits = _tile_logits(rows[r0:r1], cols[c0:c1], s, ex, c0)
-                    p = torch.exp(logits - lse) * g  # d lse / d logit, times the incoming gradient
-                    g_rows[r0:r1] += s * (p @ cols[c0:c1])
+                    p = logits.sub_(lse).exp_().mul_(g)  # d lse / d logit, times the incoming gradient
+                    p_cols = p @ cols[c0:c1]
+                    g_rows[r0:r1] += s * p_cols
                     g_cols[c0:c1] += s * (p.T @ rows[r0:r1])
-                    g_scale += (p * torch.nan_to_num(logits, neginf=0.0)).sum() / s
+                    g_scale += (rows[r0:r1] * p_cols).sum()
                 if extra is not None:
                     dots = torch.einsum("rd,rkd->rk", rows[r0:r1], extra[r0:r1])
                     p = torch.exp(s * dots - lse) * g
@@ -110,3 +109,73 @@ def tiled_lse(rows_RD, cols_CD, scale, *, extra_RKD=None, exclude_R=None, tile: 
             float(scale), dtype=torch.promote_types(rows_RD.dtype, torch.float32), device=rows_RD.device
         )
     return _TiledLSE.apply(rows_RD, cols_CD, scale, extra_RKD, exclude_R, tile)
+
+
+class _TiledLSEBoth(torch.autograd.Function):
+    """Row and column log-sum-exp of one square N x N logit matrix in a single pass over tiles.
+
+    One process's InfoNCE needs both directions of the same matrix (text->image logits are the
+    transpose of image->text): sharing each tile halves the work of two separate passes.
+    """
+
+    @staticmethod
+    def forward(ctx, rows_ND, cols_ND, scale, exclude_diag, tile):
+        work = torch.promote_types(rows_ND.dtype, torch.float32)
+        rows, cols, s = rows_ND.to(work), cols_ND.to(work), scale.to(work)
+        n = rows.shape[0]
+        diag = torch.arange(n, device=rows.device) if exclude_diag else None
+        lse_r = torch.full((n,), float("-inf"), dtype=work, device=rows.device)
+        lse_c = lse_r.clone()
+        with torch.autocast(rows.device.type, enabled=False), torch.no_grad():
+            for r0, r1 in _blocks(n, tile):
+                ex = diag[r0:r1] if diag is not None else None
+                for c0, c1 in _blocks(n, tile):
+                    logits = _tile_logits(rows[r0:r1], cols[c0:c1], s, ex, c0)
+                    # fused per-tile log-sum-exp, merged into the running values (stable)
+                    lse_r[r0:r1] = torch.logaddexp(lse_r[r0:r1], torch.logsumexp(logits, dim=1))
+                    lse_c[c0:c1] = torch.logaddexp(lse_c[c0:c1], torch.logsumexp(logits, dim=0))
+        ctx.save_for_backward(rows_ND, cols_ND, scale, lse_r, lse_c)
+        ctx.tile, ctx.exclude_diag = tile, exclude_diag
+        return lse_r, lse_c
+
+    @staticmethod
+    def backward(ctx, g_r, g_c):
+        rows_ND, cols_ND, scale, lse_r, lse_c = ctx.saved_tensors
+        work = lse_r.dtype
+        rows, cols, s = rows_ND.to(work), cols_ND.to(work), scale.to(work)
+        n = rows.shape[0]
+        diag = torch.arange(n, device=rows.device) if ctx.exclude_diag else None
+        g_r = torch.zeros_like(lse_r) if g_r is None else g_r.to(work)
+        g_c = torch.zeros_like(lse_c) if g_c is None else g_c.to(work)
+        g_rows, g_cols = torch.zeros_like(rows), torch.zeros_like(cols)
+        g_scale = torch.zeros((), dtype=work, device=rows.device)
+        with torch.autocast(rows.device.type, enabled=False):
+            for r0, r1 in _blocks(n, ctx.tile):
+                ex = diag[r0:r1] if diag is not None else None
+                for c0, c1 in _blocks(n, ctx.tile):
+                    logits = _tile_logits(rows[r0:r1], cols[c0:c1], s, ex, c0)
+                    p = torch.exp(logits - lse_r[r0:r1, None]).mul_(g_r[r0:r1, None])
+                    p.add_(logits.sub_(lse_c[None, c0:c1]).exp_().mul_(g_c[None, c0:c1]))
+                    p_cols = p @ cols[c0:c1]
+                    g_rows[r0:r1] += s * p_cols
+                    g_cols[c0:c1] += s * (p.T @ rows[r0:r1])
+                    # d logit / d s = rows . cols, so sum(p * logits) / s = sum(rows * (p @ cols))
+                    g_scale += (rows[r0:r1] * p_cols).sum()
+        return (
+            g_rows.to(rows_ND.dtype),
+            g_cols.to(cols_ND.dtype),
+            g_scale.to(scale.dtype).reshape(scale.shape),
+            None,
+            None,
+        )
+
+
+def tiled_lse_both(rows_ND, cols_ND, scale, *, exclude_diag: bool = False, tile: int = 1024):
+    """``(lse over each row, lse over each column)`` of ``scale * rows @ cols.T`` (N x N), streamed."""
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    if not torch.is_tensor(scale):
+        scale = torch.tensor(
+            float(scale), dtype=torch.promote_types(rows_ND.dtype, torch.float32), device=rows_ND.device
+        )
+    return _TiledLSEBoth.apply(rows_ND, cols_ND, scale, exclude_diag, tile)
