@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -32,5 +32,5 @@ def run_distributed(fn, world: int, *args) -> list:
     """``fn(rank, world, *args)`` on ``world`` processes; returns the results in rank order.
     ``fn`` must be a module-level function; results must be tensors/containers of tensors."""
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(world, _free_port(), fn, args, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), fn, args, out), nprocs=world, join=True)
         return [torch.load(os.path.join(out, f"{r}.pt"), weights_only=True) for r in range(world)]

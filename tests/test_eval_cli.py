@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO, run_cli
+from tests.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -66,11 +67,7 @@ def test_two_processes_equal_one(layouts, debug_ckpt, tmp_path):
     one = tmp_path / "one.json"
     run_cli(*_eval_args(layouts, debug_ckpt, one))
     two = tmp_path / "two.json"
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, run_cli
+from tests.distributed import free_port
 from vlp.train.logging import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -34,14 +35,6 @@ def _sets(shards, out, *extra):
         *extra,
     ]
     return [a for s in base for a in ("--set", s)]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _losses(out):
@@ -102,7 +95,7 @@ def test_torchrun_two_processes_gloo(shapes_shards, tmp_path, impl):
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "vlp.train",
         "--config",

@@ -5,32 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlp.config import TrainConfig
-from vlp.eval.run import evaluate_tasks, format_table, write_results
-from vlp.eval.tasks import ALIASES, EvalContext, get_task
+from vlp.eval.run import build_specs, evaluate_tasks, format_table, write_results
+from vlp.eval.tasks import EvalContext
 from vlp.train import backends
 
 
 def _specs(args) -> list:
-    from vlp.eval.datasets import load_eval_data, load_templates
-
     if len(args.data) not in (1, len(args.task)):
         raise ValueError(f"give one --data, or one per --task ({len(args.task)}); got {len(args.data)}")
-    specs = []
-    for i, task in enumerate(args.task):
-        task = ALIASES.get(task, task)
-        get_task(task)  # unknown names fail before any data is read
-        path = args.data[i] if len(args.data) > 1 else args.data[0]
-        kw = {}
-        if task == "zeroshot_classification" and args.classnames:
-            kw["classnames"] = args.classnames
-        if task == "compositional" and args.images_root:
-            kw["images_root"] = args.images_root
-        data = load_eval_data(task, path, **kw)
-        templates = None
-        if task == "zeroshot_classification":
-            templates = load_templates(args.templates or data.templates or "imagenet-simple")
-        specs.append((task, data, templates))
-    return specs
+    paths = args.data if len(args.data) > 1 else args.data * len(args.task)
+    return build_specs(
+        args.task, paths, classnames=args.classnames, templates=args.templates, images_root=args.images_root
+    )
 
 
 def run_eval_command(args) -> int:

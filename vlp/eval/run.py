@@ -15,6 +15,35 @@ from vlp.eval.tasks import EvalContext, get_task
 log = logging.getLogger(__name__)
 
 
+def build_specs(tasks, paths, *, classnames=None, templates=None, images_root=None) -> list:
+    """``(task, EvalData, templates)`` for each task and its data path, read once.
+
+    Unknown task names fail before any data is read. Zero-shot templates: ``templates`` if given,
+    else those found beside the data, else ImageNet's 7 short ones.
+    """
+    from vlp.eval.datasets import load_eval_data, load_templates
+    from vlp.eval.tasks import ALIASES
+
+    tasks = [ALIASES.get(t, t) for t in tasks]
+    for task in tasks:
+        get_task(task)
+    specs = []
+    for task, path in zip(tasks, paths):
+        kw = {}
+        if task == "zeroshot_classification" and classnames:
+            kw["classnames"] = classnames
+        if task == "compositional" and images_root:
+            kw["images_root"] = images_root
+        data = load_eval_data(task, path, **kw)
+        tpl = (
+            load_templates(templates or data.templates or "imagenet-simple")
+            if task == "zeroshot_classification"
+            else None
+        )
+        specs.append((task, data, tpl))
+    return specs
+
+
 def evaluate_tasks(model, tokenizer, specs, ctx: EvalContext, *, model_name="", pretrained="") -> list[dict]:
     """``specs``: list of ``(task, EvalData, templates or None)``; every rank returns the same results."""
     was_training = model.training

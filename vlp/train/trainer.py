@@ -77,22 +77,11 @@ class Trainer:
 
     def _load_eval_specs(self) -> list:
         """The eval tasks' data, read once (images stay on disk; WebDataset bytes in memory)."""
-        from vlp.eval.datasets import load_eval_data, load_templates
-        from vlp.eval.tasks import ALIASES, get_task
+        from vlp.eval.run import build_specs
 
         e = self.cfg.eval
         paths = e.data or ([self.cfg.data.val_shards[0]] * len(e.tasks) if self.cfg.data.val_shards else [])
-        specs = []
-        for task, path in zip(e.tasks, paths):
-            task = ALIASES.get(task, task)
-            get_task(task)
-            kw = {"classnames": e.classnames} if task == "zeroshot_classification" and e.classnames else {}
-            data = load_eval_data(task, path, **kw)
-            templates = None
-            if task == "zeroshot_classification":
-                templates = load_templates(e.templates or data.templates or "imagenet-simple")
-            specs.append((task, data, templates))
-        return specs
+        return build_specs(e.tasks, paths, classnames=e.classnames, templates=e.templates) if paths else []
 
     # ---- the loop -------------------------------------------------------------------------
     def train(self) -> dict:
