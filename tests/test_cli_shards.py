@@ -42,3 +42,10 @@ def test_captions_file_errors_exit_2(tmp_path):
     (tmp_path / "caps.csv").write_text("path,text\nimg/0.png,hello\n")
     proc = run_cli("shards", "--captions", tmp_path / "caps.csv", "--out", tmp_path / "o", check=False)
     assert proc.returncode == 2 and "image" in proc.stderr and "caps.csv" in proc.stderr
+
+
+def test_synthetic_eval_layouts_cli(tmp_path):
+    proc = run_cli("shards", "--synthetic", "--eval-layouts", "--num-samples", 20, "--out", tmp_path / "ev")
+    for task in ("zeroshot_classification", "zeroshot_retrieval", "compositional", "counting"):
+        assert f"vlp eval --task {task} --data" in proc.stdout
+    assert (tmp_path / "ev" / "counting.jsonl").is_file() and (tmp_path / "ev" / "classification").is_dir()

@@ -51,6 +51,12 @@ def _add_shards(sub) -> None:
     g.add_argument("--start-index", type=int, default=0, help="first sample index (held-out splits use another range)")
     g.add_argument("--image-size", type=int, default=64)
     g.add_argument("--single-group", action="store_true", help="one object group per image (zero-shot split)")
+    g.add_argument(
+        "--eval-layouts",
+        action="store_true",
+        help="instead of shards, write held-out benchmarks in every `vlp eval` layout (classification folder, "
+        "retrieval/compositional/counting JSONL) from --num-samples scenes each",
+    )
     g = p.add_argument_group("captions file")
     g.add_argument("--images-root", help="folder image paths are relative to (default: the captions file's)")
     g.add_argument("--image-key", default="image")
@@ -117,6 +123,13 @@ def cmd_demo(args) -> int:
 def cmd_shards(args) -> int:
     from vlp.data import shards
 
+    if args.synthetic and args.eval_layouts:
+        from vlp.eval.synthetic_layouts import export_eval_layouts
+
+        paths = export_eval_layouts(args.out, num_images=args.num_samples, seed=args.seed, image_size=args.image_size)
+        for task, path in paths.items():
+            print(f"vlp: {task}: vlp eval --task {task} --data {path}")
+        return 0
     if args.synthetic:
         info = shards.write_synthetic_shards(
             args.out,
