@@ -25,6 +25,7 @@ import platform
 import resource
 import socket
 import statistics
+import subprocess
 import tempfile
 import time
 import traceback
@@ -279,6 +280,17 @@ class CpuContention:
         foreign = (busy - self._busy) - (_own_cpu_seconds() - self._own)
         capacity = (time.perf_counter() - self._wall) * (os.cpu_count() or 1)
         return min(max(foreign / capacity, 0.0), 1.0)
+
+
+def git_state(repo: Path, paths: tuple[str, ...] = ()) -> dict:
+    """The checked-out commit of ``repo`` and the files under ``paths`` that differ from it."""
+
+    def git(*args):
+        done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    changed = git("status", "--porcelain", "--", *paths)
+    return {"commit": git("rev-parse", "--short", "HEAD"), "changed": changed.splitlines() if changed else []}
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str]], right: int = 0) -> str:

@@ -14,6 +14,9 @@ symmetric InfoNCE loss on random L2-normalised fp32 N x D features (D = 512) wit
   non-local mode (local_loss=False: N x N logits on every rank).
 * ratios against open_clip (with --world its exact mode): memory = open_clip / vlp (> 1: vlp uses
   less), time = vlp / open_clip (< 1: vlp is faster).
+* CPU ms: process CPU time of a repeat, all threads (and ranks) summed; others' CPU %: the share
+  of the machine's CPUs that other processes used meanwhile (timings taken while it is well above
+  0 are slowed by them; --retries K re-runs such a case up to K times and keeps the quietest).
 * agree (✓/✗): the vlp loss equals open_clip's on the same features to 1e-4 relative and, where
   both define the same per-rank gradient (gather, tiled), so do the norms of the feature gradients
   and the logit-scale gradient (1e-3 relative). grouped is a different objective (the mean of
@@ -36,7 +39,8 @@ Run from the repository root:
     python tools/bench/loss.py                  # one process: CPU N = 4096 8192 16384, CUDA 16384 32768 65536
     python tools/bench/loss.py --world 4        # 4 gloo processes on CPU, B = 4096 rows per rank
     python tools/bench/loss.py --quick --json /tmp/loss.json    # N = 1024 2048 (--world: B = 512)
-Other options: --sizes N ..., --batch B, --repeats R, --device auto|cpu|cuda, --tile, --group-size.
+Other options: --sizes N ..., --batch B, --repeats R, --device auto|cpu|cuda, --tile, --group-size,
+--retries K. The default CPU runs take about 2.5 (single) and 4.5 (--world 4) minutes on 2 cores.
 The table goes to stdout, progress to stderr; --json PATH writes the rows, the environment and
 ``ratio_vs_open_clip`` (open_clip time / vlp tiled time at the largest N) and
 ``memory_ratio_vs_open_clip`` (open_clip peak / vlp tiled peak at that N).
@@ -69,12 +73,14 @@ from tools.bench.common import (
     available_memory_bytes,
     environment,
     format_table,
+    git_state,
     median,
     run_isolated,
     spawn_gloo,
     timed,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 DIM, SCALE, SEED = 512, 100.0, 0
 LOSS_RTOL, GRAD_RTOL = 1e-4, 1e-3
 WARMUP_ROWS = 256
@@ -366,7 +372,8 @@ def brief(status: str, ranks: list[dict]) -> str:
         return status
     ms = 1000 * median([max(r["times_s"][i] for r in ranks) for i in range(len(ranks[0]["times_s"]))])
     peak = max(r["peak_bytes"] for r in ranks) / MIB
-    return f"{ms:.1f} ms, peak +{peak:.1f} MiB, loss {ranks[0]['loss']:.6f}"
+    loss = sum(r["loss"] for r in ranks) / len(ranks)
+    return f"{ms:.1f} ms, peak +{peak:.1f} MiB, loss {loss:.6f} (mean over ranks)"
 
 
 def repeats_for(args, global_n: int, device: str) -> int:
@@ -472,7 +479,10 @@ def versions() -> dict:
 
 def report(rows: list[dict], env: dict, args) -> dict:
     headline = headline_ratios(rows)
-    print(" | ".join(f"{k} {v}" for k, v in env.items() if k != "other_processes_cpu_share"))
+    print(" | ".join(f"{k} {v}" for k, v in env.items() if k not in ("other_processes_cpu_share", "vlp_git")))
+    git = env["vlp_git"]
+    changed = f"changed: {', '.join(git['changed'])}" if git["changed"] else "as committed"
+    print(f"vlp commit {git['commit']}; vlp/losses {changed}")
     share = env["other_processes_cpu_share"]
     if share is not None:
         slowed = " (timings are slowed by that; see the last column)" if share > BUSY_SHARE / 2 else ""
@@ -517,6 +527,7 @@ def main(argv=None) -> int:
     outcome = execute(groups, share_process=args.quick and args.world == 1, retries=args.retries)
     rows = [row for cases in groups for row in group_rows(cases, outcome)]
     env = environment(versions())
+    env["vlp_git"] = git_state(REPO, ("vlp/losses",))
     share = contention.share()
     env["other_processes_cpu_share"] = None if share is None else round(share, 3)
     result = report(rows, env, args)
