@@ -34,3 +34,21 @@ def run_distributed(fn, world: int, *args) -> list:
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_worker, args=(world, free_port(), fn, args, out), nprocs=world, join=True)
         return [torch.load(os.path.join(out, f"{r}.pt"), weights_only=True) for r in range(world)]
+
+
+def torchrun_cmd(module: str, args, nproc: int = 2) -> list[str]:
+    """``python -m torch.distributed.run`` running ``python -m MODULE ARGS`` on ``nproc`` local processes."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        "-m",
+        module,
+        *[str(a) for a in args],
+    ]

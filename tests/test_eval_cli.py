@@ -7,7 +7,6 @@ import builtins
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import open_clip
@@ -16,7 +15,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO, run_cli
-from tests.distributed import free_port
+from tests.distributed import torchrun_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -67,19 +66,7 @@ def test_two_processes_equal_one(layouts, debug_ckpt, tmp_path):
     one = tmp_path / "one.json"
     run_cli(*_eval_args(layouts, debug_ckpt, one))
     two = tmp_path / "two.json"
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
-        "-m",
-        "vlp.eval",
-        *[str(a) for a in _eval_args(layouts, debug_ckpt, two)[1:]],
-    ]
+    cmd = torchrun_cmd("vlp.eval", _eval_args(layouts, debug_ckpt, two)[1:])
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

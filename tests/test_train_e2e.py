@@ -6,12 +6,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
 from tests.conftest import REPO, run_cli
-from tests.distributed import free_port
+from tests.distributed import torchrun_cmd
 from vlp.train.logging import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -88,20 +87,8 @@ def test_resume_from_other_architecture_is_a_clear_error(shapes_shards, tmp_path
 @pytest.mark.parametrize("impl", ["gather", "grouped"])
 def test_torchrun_two_processes_gloo(shapes_shards, tmp_path, impl):
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "vlp.train",
-        "--config",
-        "configs/demo.yaml",
-        *_sets(shapes_shards, out, "train.steps=4", f"loss.contrastive.impl={impl}", "loss.contrastive.group_size=1"),
-    ]
+    sets = _sets(shapes_shards, out, "train.steps=4", f"loss.contrastive.impl={impl}", "loss.contrastive.group_size=1")
+    cmd = torchrun_cmd("vlp.train", ["--config", "configs/demo.yaml", *sets])
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
