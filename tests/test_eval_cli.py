@@ -22,9 +22,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory):
+    from tests.test_linear_probe import write_probe_layout
     from vlp.eval.synthetic_layouts import export_eval_layouts
 
-    return export_eval_layouts(tmp_path_factory.mktemp("layouts"), num_images=40, progress=False)
+    root = tmp_path_factory.mktemp("layouts")
+    paths = export_eval_layouts(root, num_images=40, progress=False)
+    return {**paths, "linear_probe": str(write_probe_layout(root / "linear_probe", n_train=4, n_test=2))}
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +63,8 @@ def test_every_task_through_the_cli(layouts, debug_ckpt, tmp_path):
     counting = by_task["counting"]
     assert np.asarray(counting["confusion_matrix"]).sum() == counting["num_samples"]
     assert os.path.getsize(counting["confusion_png"]) > 5000
+    probe = by_task["linear_probe"]
+    assert (probe["n_train"], probe["n_test"]) == (24, 12) and 0 <= probe["mean_per_class_recall"] <= 1
 
 
 def test_two_processes_equal_one(layouts, debug_ckpt, tmp_path):

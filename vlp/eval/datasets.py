@@ -1,4 +1,4 @@
-"""Evaluation data layouts (ImageFolder, JSONL, SugarCrepe JSON, WebDataset) -> :class:`EvalData`.
+"""Evaluation data layouts (ImageFolder, JSONL, SugarCrepe JSON, WebDataset, train/test pairs) -> :class:`EvalData`.
 
 ``EvalData.images`` holds absolute path strings, or for WebDataset layouts the raw encoded bytes
 (eval sets are small: holding the bytes saves a second pass over the tars); :class:`ImageList`
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ class EvalData:
     negatives: list[list[str]] | None = None  # compositional
     types: list[str | None] | None = None  # compositional
     counts: list[int] | None = None  # counting
+    split: list[str] | None = None  # linear_probe: "train" or "test" per image
     skipped: dict[str, int] = field(default_factory=dict)
     name: str = ""  # dataset name for the JSON output (folder or file stem)
 
@@ -263,6 +265,43 @@ def load_classification(path: PathSpec, classnames=None, templates=None) -> Eval
     return _classification_folder(Path(path), classnames, templates)
 
 
+def _split_source(folder: Path) -> PathSpec:
+    """The ``.tar`` shards directly in ``folder`` (sorted) if it has any, else the folder itself."""
+    return sorted(str(p) for p in folder.glob("*.tar")) or folder
+
+
+def load_linear_probe(path: str | os.PathLike) -> EvalData:
+    """``path/train`` and ``path/test``, each a :func:`load_classification` layout (an ImageFolder,
+    or a folder of ``.tar`` shards with ``_info.json``) -> the images of both (train first),
+    labels, classnames and ``split`` ("train"/"test" per image); skip counts are summed.
+
+    Raises EvalDataError: ``path`` or a split folder not found, class names that differ between
+    the splits (in number or order), or as :func:`load_classification` for either split.
+    """
+    root = Path(path)
+    parts = {}
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise EvalDataError(f"{root / split}: not found (linear_probe data is a folder with train/ and test/)")
+        parts[split] = load_classification(_split_source(root / split))
+    train, test = parts["train"].classnames, parts["test"].classnames
+    if train != test:
+        if len(train) != len(test):
+            problem = f"{len(train)} classes in train/ but {len(test)} in test/"
+        else:
+            c = next(c for c, (a, b) in enumerate(zip(train, test)) if a != b)
+            problem = f"class {c} is {train[c]!r} in train/ but {test[c]!r} in test/"
+        raise EvalDataError(f"{root}: the class names of train/ and test/ must agree: {problem}")
+    return EvalData(
+        images=[image for part in parts.values() for image in part.images],
+        labels=[label for part in parts.values() for label in part.labels],
+        classnames=train,
+        split=[split for split, part in parts.items() for _ in part.images],
+        skipped=dict(Counter(parts["train"].skipped) + Counter(parts["test"].skipped)),
+        name=root.name,
+    )
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
     """("file:line", object) per non-blank line; EvalDataError on a missing file or bad JSON."""
     if not path.is_file():
@@ -389,6 +428,7 @@ def load_counting(path: str | os.PathLike) -> EvalData:
 # task name -> loader (retrieval is an alias of zeroshot_retrieval)
 LOADERS = {"zeroshot_classification": load_classification, "zeroshot_retrieval": load_retrieval}
 LOADERS |= {"retrieval": load_retrieval, "compositional": load_compositional, "counting": load_counting}
+LOADERS["linear_probe"] = load_linear_probe
 
 
 def load_eval_data(task: str, path: PathSpec, **kwargs) -> EvalData:

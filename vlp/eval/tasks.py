@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 from vlp.eval.extract import image_features, text_features
+from vlp.eval.linear_probe import linear_probe
 from vlp.eval.retrieval import retrieval_chance, retrieval_metrics
 from vlp.eval.zeroshot import build_classifier, zeroshot_classify
+from vlp.train.backends import all_gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,24 @@ def compositional(model, tokenizer, data, ctx: EvalContext) -> dict:
         out[f"acc_{kind}"] = sum(hits) / len(hits)
     out["chance"] = sum(1 / (1 + len(data.negatives[i])) for i in kept) / max(1, len(kept))
     return out
+
+
+@register("linear_probe")
+def linear_probe_task(model, tokenizer, data, ctx: EvalContext) -> dict:
+    """Logistic regression on the frozen image features of the train split, scored on the test
+    split with CLIP_benchmark's protocol (see :mod:`vlp.eval.linear_probe`)."""
+    from vlp.eval.datasets import EvalDataError
+
+    feats, kept = _images(model, data, ctx)
+    split = {name: [i for i in kept if data.split[i] == name] for name in ("train", "test")}
+    if not split["train"] or not split["test"]:
+        raise EvalDataError(f"{data.name}: linear_probe needs readable train and test images; skipped: {data.skipped}")
+    labels = torch.as_tensor(data.labels)
+    train, test = (feats[split[name]].to(ctx.env.device) for name in ("train", "test"))
+    metrics = None
+    if ctx.env.is_main:  # one rank fits and every rank reports its numbers: no float drift between ranks
+        metrics = linear_probe(train, labels[split["train"]], test, labels[split["test"]], len(data.classnames))
+    return all_gather_objects(metrics, ctx.env)[0]
 
 
 def count_captions(caption: str, count: int) -> list[str]:
