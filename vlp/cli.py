@@ -42,6 +42,13 @@ def _add_shards(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--synthetic", action="store_true", help="generate the synthetic shapes data")
     src.add_argument("--captions", help="JSONL or CSV file: image path + caption [+ extra fields]")
+    src.add_argument(
+        "--from",
+        dest="from_source",
+        choices=("openclipart", "fashion-mnist"),
+        help="convert an installed dataset: OpenClipart SVGs -> train/val/heldout shards; "
+        "Fashion-MNIST -> train/test class folders",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--max-samples-per-shard", type=_positive_int, default=1000)
     p.add_argument("--prefix", help="shard file prefix (default: shapes / data)")
@@ -62,6 +69,15 @@ def _add_shards(sub) -> None:
     g.add_argument("--image-key", default="image")
     g.add_argument("--caption-key", default="caption")
     g.add_argument("--allow-outside-root", action="store_true", help="accept image paths outside --images-root")
+    g = p.add_argument_group("--from openclipart | fashion-mnist (also --seed, --max-samples-per-shard)")
+    g.add_argument("--source", help="dataset folder (default: the Debian package's)")
+    g.add_argument("--size", type=_positive_int, default=224, help="openclipart: image side in pixels")
+    g.add_argument("--heldout-titles", type=int, default=500, help="openclipart: titles held out for evaluation")
+    g.add_argument("--val-titles", type=int, default=300, help="openclipart: titles for validation")
+    g.add_argument("--limit", type=int, default=0, help="openclipart: convert only the first N SVGs (0 = all)")
+    g.add_argument("--workers", type=_positive_int, default=2, help="openclipart: rasterising processes")
+    g.add_argument("--per-class-train", type=int, default=0, help="fashion-mnist: images per class (0 = all)")
+    g.add_argument("--per-class-test", type=int, default=0, help="fashion-mnist: images per class (0 = all)")
 
 
 def _add_eval(sub) -> None:
@@ -123,6 +139,8 @@ def cmd_demo(args) -> int:
 def cmd_shards(args) -> int:
     from vlp.data import shards
 
+    if args.from_source:
+        return _shards_from_source(args)
     if args.synthetic and args.eval_layouts:
         from vlp.eval.synthetic_layouts import export_eval_layouts
 
@@ -157,6 +175,41 @@ def cmd_shards(args) -> int:
     skipped = {k: v for k, v in info.get("skipped", {}).items() if v}
     if skipped:
         print(f"vlp: skipped rows: {skipped}")
+    return 0
+
+
+def _shards_from_source(args) -> int:
+    """`vlp shards --from openclipart|fashion-mnist`: convert, then print where everything went."""
+    from vlp.data.sources import fashion_mnist, openclipart
+
+    if args.from_source == "fashion-mnist":
+        source = args.source or fashion_mnist.DEFAULT_SOURCE
+        info = fashion_mnist.write_fashion_mnist(args.out, source, args.per_class_train, args.per_class_test, args.seed)
+        sizes = ", ".join(f"{split} {n}" for split, n in info["num_images"].items())
+        print(f"vlp: Fashion-MNIST in {args.out}: {sizes} images in {len(info['classnames'])} class folders")
+        print(f"vlp: vlp eval --task zeroshot_classification --data {args.out}/test")
+        return 0
+    try:
+        infos = openclipart.write_openclipart_shards(
+            args.out,
+            args.source or openclipart.DEFAULT_SOURCE,
+            size=args.size,
+            heldout_titles=args.heldout_titles,
+            val_titles=args.val_titles,
+            limit=args.limit,
+            max_per_shard=args.max_samples_per_shard,
+            workers=args.workers,
+            seed=args.seed,
+        )
+    except ImportError as e:  # cairosvg missing: the message says what to install
+        print(f"vlp shards: error: {e}", file=sys.stderr)
+        return 2
+    print(f"vlp: OpenClipart in {args.out}: " + ", ".join(f"{s} {i['num_samples']}" for s, i in infos.items()))
+    for split, info in infos.items():
+        print(f"vlp: {split}: {args.out}/{split}/{info['shards']}" if info["num_shards"] else f"vlp: {split}: empty")
+    skipped = {k: v for k, v in infos["train"]["skipped"].items() if v}
+    if skipped:
+        print(f"vlp: skipped SVGs: {skipped}")
     return 0
 
 

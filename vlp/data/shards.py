@@ -34,15 +34,15 @@ SKIP_KINDS = ("missing_image", "empty_caption", "unreadable_image", "outside_roo
 IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 CAPTION_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv")
 MAX_SKIP_WARNINGS = 5
-# A fixed member mtime makes synthetic shards byte-identical across runs.
-_FIXED_MTIME = 0
+# A fixed member mtime makes synthetic and converted (vlp.data.sources) shards byte-identical across runs.
+FIXED_MTIME = 0
 
 
 class ShardError(ValueError):
     """A fatal problem with the inputs of a shard-writing job (message names file/column)."""
 
 
-def _atomic_write_json(path: Path, obj: dict) -> None:
+def atomic_write_json(path: Path, obj: dict) -> None:
     """Write ``obj`` as JSON to ``path`` via a temporary sibling file + os.replace."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -63,7 +63,7 @@ def brace_pattern(prefix: str, num_shards: int) -> str:
     return f"{prefix}-{{{0:06d}..{num_shards - 1:06d}}}.tar"
 
 
-def _write_samples(
+def write_samples(
     samples: Iterable[dict], out_dir: Path, prefix: str, max_per_shard: int, mtime: int
 ) -> dict[str, int]:
     """Write encoded samples (``__key__`` + bytes fields) into shards of <= max_per_shard.
@@ -102,7 +102,7 @@ def _remove_stale_shards(out_dir: Path, prefix: str, keep: dict[str, int]) -> No
             path.unlink()
 
 
-def _finalize(out_dir: Path, prefix: str, sizes: dict[str, int], info: dict) -> dict:
+def finalize_shards(out_dir: Path, prefix: str, sizes: dict[str, int], info: dict) -> dict:
     """Write sizes.json and _info.json (atomically) and return the full info dict."""
     _remove_stale_shards(out_dir, prefix, sizes)
     full = {
@@ -111,8 +111,8 @@ def _finalize(out_dir: Path, prefix: str, sizes: dict[str, int], info: dict) -> 
         "shards": brace_pattern(prefix, len(sizes)),
         **info,
     }
-    _atomic_write_json(out_dir / SIZES_FILE, sizes)
-    _atomic_write_json(out_dir / INFO_FILE, full)
+    atomic_write_json(out_dir / SIZES_FILE, sizes)
+    atomic_write_json(out_dir / INFO_FILE, full)
     return full
 
 
@@ -133,7 +133,7 @@ def read_sizes(path_or_dir: str | os.PathLike) -> dict[str, int]:
         return {str(k): int(v) for k, v in json.load(f).items()}
 
 
-def _synthetic_up_to_date(out_dir: Path, params: dict) -> dict | None:
+def shards_up_to_date(out_dir: Path, params: dict) -> dict | None:
     """Return the existing info if it was written with ``params`` and every shard is there."""
     try:
         with open(out_dir / INFO_FILE, encoding="utf-8") as f:
@@ -204,7 +204,7 @@ def write_synthetic_shards(
         "generator_version": synthetic.SYNTHETIC_VERSION,
     }
     if out.is_dir():
-        existing = _synthetic_up_to_date(out, params)
+        existing = shards_up_to_date(out, params)
         if existing is not None:
             logger.info("shards in %s are up to date; not rewriting", out)
             return existing
@@ -212,10 +212,10 @@ def write_synthetic_shards(
     # Drop the old info first so an interrupted rewrite is never mistaken for complete.
     (out / INFO_FILE).unlink(missing_ok=True)
     samples = _synthetic_samples(seed, start_index, num_samples, image_size, single_group, progress)
-    sizes = _write_samples(samples, out, prefix, max_samples_per_shard, _FIXED_MTIME)
+    sizes = write_samples(samples, out, prefix, max_samples_per_shard, FIXED_MTIME)
     extra = {k: v for k, v in params.items() if k != "num_samples"}
     extra.update(classnames=synthetic.zeroshot_classnames(), templates=list(synthetic.ZEROSHOT_TEMPLATES))
-    return _finalize(out, prefix, sizes, {"skipped": {}, **extra})
+    return finalize_shards(out, prefix, sizes, {"skipped": {}, **extra})
 
 
 def _csv_rows(path: Path, delimiter: str, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
@@ -380,7 +380,7 @@ def write_caption_shards(
     (out / INFO_FILE).unlink(missing_ok=True)
     stats = {"total": total, "skipped": Counter(), "examples": [], "formats": Counter()}
     samples = _caption_samples(source, root, (image_key, caption_key), allow_outside_root, progress, stats)
-    sizes = _write_samples(samples, out, prefix, max_samples_per_shard, int(time.time()))
+    sizes = write_samples(samples, out, prefix, max_samples_per_shard, int(time.time()))
     skipped = _report_skips(source, total, stats["skipped"], stats["examples"])
     if not sizes:
         raise ShardError(f"{source}: no usable rows out of {total}; skipped: {skipped}")
@@ -396,4 +396,4 @@ def write_caption_shards(
         "max_samples_per_shard": int(max_samples_per_shard),
         "prefix": prefix,
     }
-    return _finalize(out, prefix, sizes, info)
+    return finalize_shards(out, prefix, sizes, info)
