@@ -30,10 +30,59 @@ def _f(default, help: str, **kw):
 
 
 @dataclass
+class VisionTowerConfig:
+    timm_model_name: str = _f(
+        "", "A timm model as the image tower (e.g. `efficientnet_lite0`), replacing the architecture's ('' = keep)."
+    )
+    weights: str = _f("", "Local weights file of the timm trunk (ImageNet-pretrained etc.; '' = random init).")
+    weights_match: Literal["names", "order"] = _f(
+        "names",
+        "Map `weights` onto the trunk by key `names`, or by `order` (same tensors in the same order under other "
+        "names, e.g. an EfficientNet-PyTorch file for timm); every shape is checked either way.",
+    )
+    pool: str = _f("avg", "timm global pooling of the trunk (`avg`, `max`, ...).")
+    proj: Literal["linear", "mlp"] = _f("linear", "Projection head from the trunk's features to `model.embed_dim`.")
+    mean: list[float] = _f([], "Image normalisation mean (empty = the tower's: timm's pretrained config).")
+    std: list[float] = _f([], "Image normalisation std (empty = the tower's).")
+    image_size: int = _f(0, "Input resolution of the timm tower (0 = its pretrained config's).")
+    lock: bool = _f(False, "Freeze the image trunk (LiT); the projection head still trains.")
+    unlocked_groups: int = _f(0, "With `lock`: leave the last N layer groups of the trunk trainable.")
+    freeze_bn_stats: bool = _f(True, "With `lock`: also freeze the locked layers' batch-norm statistics.")
+
+
+@dataclass
+class TextTowerConfig:
+    hf_model_name_or_path: str = _f(
+        "", "A Hugging Face model folder (or hub name, needs internet) as the text tower ('' = keep the arch's)."
+    )
+    pretrained: bool = _f(True, "Load the Hugging Face weights (false: the architecture with random weights).")
+    pooler: Literal["mean_pooler", "cls_pooler", "cls_last_hidden_state_pooler", "max_pooler"] = _f(
+        "mean_pooler", "How token states become one text feature."
+    )
+    proj: Literal["linear", "mlp"] = _f("linear", "Projection head from the pooled feature to `model.embed_dim`.")
+    context_length: int = _f(77, "Tokens per caption of the Hugging Face tokenizer (longer captions are cut).")
+    lock: bool = _f(False, "Freeze the text transformer; the projection head still trains.")
+    unlocked_layers: int = _f(0, "With `lock`: leave the last N transformer layers trainable.")
+    freeze_layer_norm: bool = _f(True, "With `lock`: freeze the LayerNorms of the locked layers too.")
+
+
+@dataclass
 class ModelConfig:
-    name: str = _f("debug", "Architecture: an open_clip model name (`ViT-B-32`, `RN50`, ...) or a vlp one.")
+    name: str = _f(
+        "debug",
+        "Architecture: an open_clip model name (`ViT-B-32`, `RN50`, ...) or a vlp one; `custom` = both towers "
+        "from `model.vision` / `model.text`.",
+    )
     pretrained: str = _f("", "Local open_clip or vlp checkpoint file to initialise from ('' = random).")
     precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "Autocast precision of the forward pass.")
+    embed_dim: int = _f(0, "Joint embedding width (0 = the architecture's; required for `custom`).")
+    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    cache_features: Literal["auto", "off"] = _f(
+        "auto",
+        "`auto`: when both towers are fully locked, encode the training set once and train the heads on the "
+        "cached features (no image augmentation); `off`: always run the towers.",
+    )
 
 
 @dataclass
@@ -110,6 +159,14 @@ class TrainConfig:
     keep_checkpoints: int = _f(3, "Keep the newest N step checkpoints.")
     log_every: int = _f(10, "Log loss and throughput every N steps.")
     eval_every: int = _f(0, "Run the eval tasks every N steps (0 = only at the end).")
+    val_every: int = _f(
+        0,
+        "Every N steps, measure retrieval on `data.val_shards` (mean of R@1/5/10 both ways) and keep the best "
+        "weights; the run ends with the best (0 = off).",
+    )
+    early_stopping_patience: int = _f(
+        0, "With `val_every`: stop after this many validations without improvement (0 = never stop early)."
+    )
     resume: str = _f("", "`latest` or a checkpoint path to resume from ('' = start fresh).")
     device: str = _f("auto", "`auto` (cuda if available), `cpu` or `cuda`.")
     progress: Literal["auto", "on", "off"] = _f("auto", "tqdm progress bar (`auto` = when stderr is a terminal).")
@@ -119,7 +176,7 @@ class TrainConfig:
 class EvalConfig:
     tasks: list[str] = _f(
         ["zeroshot_classification", "zeroshot_retrieval"],
-        "Eval tasks: zeroshot_classification, zeroshot_retrieval, compositional, counting.",
+        "Eval tasks: zeroshot_classification, zeroshot_retrieval, compositional, counting, linear_probe.",
     )
     data: list[str] = _f([], "Data of each eval task, in the order of `tasks` (empty = `data.val_shards`).")
     batch_size: int = _f(256, "Batch size of feature extraction.")
@@ -156,6 +213,28 @@ class Config:
             ("loss.contrastive.tile_size", self.loss.contrastive.tile_size >= 1, "must be >= 1"),
             ("loss.contrastive.group_size", self.loss.contrastive.group_size >= 0, "must be >= 0"),
             ("loss.contrastive.label_smoothing", 0 <= self.loss.contrastive.label_smoothing < 1, "must be in [0, 1)"),
+        ]
+        m = self.model
+        checks += [
+            ("model.embed_dim", m.embed_dim >= 0, "must be >= 0"),
+            ("model.embed_dim", m.name != "custom" or m.embed_dim > 0, "must be > 0 when model.name is custom"),
+            (
+                "model.vision.timm_model_name",
+                m.name != "custom" or bool(m.vision.timm_model_name),
+                "is required when model.name is custom",
+            ),
+            (
+                "model.text.hf_model_name_or_path",
+                m.name != "custom" or bool(m.text.hf_model_name_or_path),
+                "is required when model.name is custom",
+            ),
+            ("model.vision.mean", len(m.vision.mean) in (0, 3), "must be empty or 3 numbers"),
+            ("model.vision.std", len(m.vision.std) in (0, 3), "must be empty or 3 numbers"),
+            ("model.vision.unlocked_groups", m.vision.unlocked_groups >= 0, "must be >= 0"),
+            ("model.text.unlocked_layers", m.text.unlocked_layers >= 0, "must be >= 0"),
+            ("model.text.context_length", m.text.context_length >= 2, "must be >= 2"),
+            ("train.val_every", self.train.val_every >= 0, "must be >= 0"),
+            ("train.early_stopping_patience", self.train.early_stopping_patience >= 0, "must be >= 0"),
         ]
         c = self.loss.contrastive
         valid = {"clip": ("gather", "tiled", "grouped"), "siglip": ("gather", "ring")}[c.type]

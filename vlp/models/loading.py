@@ -112,8 +112,8 @@ def load_model(path_or_name: str, model_name: str | None = None, device: str = "
     path = Path(path_or_name)
     if path.is_file():
         obj = read_file(path)
-        if is_vlp_checkpoint(obj):
-            name = model_name or obj["config"]["model"]["name"]
+        if is_vlp_checkpoint(obj) and not model_name:
+            name = _architecture_of(obj, path)  # a ModelConfig: custom towers are rebuilt as trained
         elif not model_name:
             raise CheckpointError(
                 f"{path} is not a vlp checkpoint: pass model_name (the open_clip architecture, e.g. 'ViT-B-32')"
@@ -121,7 +121,7 @@ def load_model(path_or_name: str, model_name: str | None = None, device: str = "
         else:
             name = model_name
         model, mean, std = build_model(name)
-        load_state_dict_checked(model, extract_state_dict(obj), path, name)
+        load_state_dict_checked(model, extract_state_dict(obj), path, getattr(name, "name", name))
     elif "/" not in str(path_or_name) and not path.suffix and model_name in (None, str(path_or_name)):
         name = str(path_or_name)  # an architecture name: random weights
         model, mean, std = build_model(name)
@@ -129,3 +129,19 @@ def load_model(path_or_name: str, model_name: str | None = None, device: str = "
         raise FileNotFoundError(f"checkpoint not found: {path_or_name}")
     model = model.to(device).eval()
     return model, eval_transform(image_size(model), mean, std), get_tokenizer(name)
+
+
+def _architecture_of(obj: dict, path):
+    """The ModelConfig a vlp checkpoint was trained with, set to build the architecture only: the
+    checkpoint holds every weight, so tower weight files and the init checkpoint are not read."""
+    import dataclasses
+
+    from vlp.config import ConfigError, config_from_dict
+
+    try:
+        mcfg = config_from_dict(obj["config"], where=str(path)).model
+    except (ConfigError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: the config saved in the checkpoint is not readable ({e})") from None
+    vision = dataclasses.replace(mcfg.vision, weights="")
+    text = dataclasses.replace(mcfg.text, pretrained=False)
+    return dataclasses.replace(mcfg, pretrained="", vision=vision, text=text)

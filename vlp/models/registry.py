@@ -62,6 +62,14 @@ class _NormalizedFeatures:
     def encode_text(self, text, normalize: bool = True):
         return super().encode_text(text, normalize=normalize)
 
+    def train(self, mode: bool = True):
+        # a fully locked (LiT) trunk stays in eval mode: no dropout, no batch-norm updates
+        super().train(mode)
+        for module in self.modules():
+            if getattr(module, "_vlp_frozen", False):
+                module.eval()
+        return self
+
 
 _NORMALIZED_CLASSES: dict[type, type] = {}
 
@@ -76,22 +84,33 @@ def normalized_by_default(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def build_model(name: str, *, pretrained: str = "", device: str | torch.device = "cpu"):
-    """Build architecture ``name`` (random init, or weights from a local checkpoint file).
+def build_model(name, *, pretrained: str = "", device: str | torch.device = "cpu"):
+    """Build an architecture: ``name`` is a registered name or a ``vlp.config.ModelConfig`` (whose
+    ``vision`` / ``text`` sections can replace the towers with pretrained timm / Hugging Face ones
+    and lock them, see :mod:`vlp.models.towers`). Random init, or weights from a local checkpoint.
 
     Returns ``(model, image_mean, image_std)``; ``model(image, text)`` returns open_clip's output
     dict with normalised features and ``logit_scale`` as the multiplier (exp of the parameter).
 
     Raises:
         UnknownModelError: ``name`` is not a registered architecture.
-        FileNotFoundError / CheckpointError: ``pretrained`` is missing or does not fit.
+        FileNotFoundError / CheckpointError: ``pretrained`` or a tower's weights are missing or do not fit.
     """
-    get_model_config(name)  # clear error before open_clip's own
+    from vlp.models import towers
+
+    mcfg = None if isinstance(name, str) else name
+    if mcfg is not None:
+        name, pretrained = mcfg.name, pretrained or mcfg.pretrained
+    if mcfg is None or mcfg.name != "custom":
+        get_model_config(name)  # clear error before open_clip's own
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # open_clip warns "initialized randomly" on the root logger
     try:
-        model = open_clip.create_model(name, pretrained=None, device=device, output_dict=True)
+        if mcfg is not None and towers.needs_custom_build(mcfg):
+            model = towers.build_custom(mcfg, device=device)
+        else:
+            model = open_clip.create_model(name, pretrained=None, device=device, output_dict=True)
     finally:
         root.setLevel(level)
     model = normalized_by_default(model)

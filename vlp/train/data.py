@@ -61,4 +61,4 @@ def build_train_loader(cfg, model, mean, std, env, state=None) -> StreamLoader:
         decode=decode_options(d),
     )
     transform = train_transform(image_size(model), mean, std, d.train_crop_scale)
-    return StreamLoader(spec, transform, get_tokenizer(cfg.model.name), d.workers, state)
+    return StreamLoader(spec, transform, get_tokenizer(cfg.model), d.workers, state)

@@ -21,12 +21,15 @@ from vlp.data.transforms import eval_transform
 from vlp.losses import Objective
 from vlp.models.loading import CHECKPOINT_FORMAT, CheckpointError, load_state_dict_checked
 from vlp.models.registry import build_model, image_size
+from vlp.models.towers import trainable_count
 from vlp.train import backends
 from vlp.train.checkpoint import Checkpointer
 from vlp.train.data import build_train_loader, resolve_total_steps
+from vlp.train.feature_cache import CachedBatches, CachedHeads, build_feature_cache, cache_supported, fingerprint
 from vlp.train.logging import MetricsLogger
 from vlp.train.optim import build_optimizer, build_scheduler
 from vlp.train.step import forward_backward
+from vlp.train.validation import Validator
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +50,14 @@ class Trainer:
         self._check_settings()
         self.eval_specs = self._load_eval_specs()
         _seed_everything(t.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-        self.model, self.mean, self.std = build_model(cfg.model.name, pretrained=cfg.model.pretrained)
+        self.model, self.mean, self.std = build_model(cfg.model)
         self.model.to(dev)
-        self.tokenizer = get_tokenizer(cfg.model.name)
+        self.tokenizer = get_tokenizer(cfg.model)
         self.eval_preprocess = eval_transform(image_size(self.model), self.mean, self.std)
-        self.ddp_model = backends.wrap_model(self.model, self.env)
+        self.cached = self._use_feature_cache()
+        # with cached trunk features only the heads run in a step; they share the model's parameters
+        self.train_module = CachedHeads(self.model) if self.cached else self.model
+        self.ddp_model = backends.wrap_model(self.train_module, self.env)
         self.objective = Objective(cfg.loss)
         self.total_steps = resolve_total_steps(cfg, self.env.world)
         self.optimizer = build_optimizer(self.model, t)
@@ -65,6 +71,7 @@ class Trainer:
         self.eval_results: list[dict] = []
         self.last_eval_step = -1
         self.last_checkpoint: Path | None = None
+        self.validator = Validator(self)
         _seed_everything(t.seed + 1000 * self.env.rank)  # per-rank streams for dropout etc.
 
     def _check_settings(self) -> None:
@@ -74,6 +81,48 @@ class Trainer:
             raise ConfigError(
                 f"loss.contrastive.group_size={c.group_size} does not divide the world size {self.env.world}"
             )
+
+    def _use_feature_cache(self) -> bool:
+        ok, why = cache_supported(self.model)
+        trainable, total = trainable_count(self.model)
+        if self.env.is_main and trainable < total:
+            print(f"vlp: training {trainable:,} of {total:,} parameters (locked towers)", flush=True)
+        if self.cfg.model.cache_features == "off" or not ok:
+            if self.cfg.model.cache_features == "auto" and trainable < total:
+                log.info("trunk features are not cached: %s", why)
+            return False
+        if self.cfg.data.train_weights:
+            raise ConfigError("data.train_weights: cached trunk features sample every shard equally; "
+                              "set model.cache_features=off to mix sources by weight")  # fmt: skip
+        return True
+
+    def build_cache(self, patterns, variants_key="caption_variants", desc="train"):
+        """The frozen trunks' features of every sample of ``patterns`` (encoded once, then on disk)."""
+        from vlp.data.shardlists import expand_urls
+        from vlp.models.towers import open_clip_config
+
+        urls = [u for pattern in patterns for u in expand_urls(pattern)]
+        key = fingerprint(urls, open_clip_config(self.cfg.model), repr(self.eval_preprocess), variants_key)
+        return build_feature_cache(
+            self.model,
+            urls,
+            self.eval_preprocess,
+            self.tokenizer,
+            self.env,
+            cache_file=self.out_dir / "feature_cache" / f"{desc}-{key}.pt",
+            data_cfg=self.cfg.data,
+            batch_size=self.cfg.eval.batch_size,
+            variants_key=variants_key,
+            desc=desc,
+        )
+
+    def _build_loader(self, state):
+        if not self.cached:
+            return build_train_loader(self.cfg, self.model, self.mean, self.std, self.env, state)
+        e = self.env
+        cache = self.build_cache(self.cfg.data.train_shards)
+        return CachedBatches(cache, self.cfg.data.batch_size, rank=e.rank, world=e.world, seed=self.cfg.train.seed,
+                             state=state)  # fmt: skip
 
     def _load_eval_specs(self) -> list:
         """The eval tasks' data, read once (images stay on disk; WebDataset bytes in memory)."""
@@ -86,7 +135,7 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
     def train(self) -> dict:
         data_state = self.maybe_resume()
-        self.loader = build_train_loader(self.cfg, self.model, self.mean, self.std, self.env, data_state)
+        self.loader = self._build_loader(data_state)
         self._prepare_output()  # only once every check has passed: a rejected start leaves the run as it was
         self.logger = MetricsLogger(
             self.out_dir, self.env.is_main, self.total_steps, self.cfg.train.progress, start_step=self.step
@@ -101,8 +150,11 @@ class Trainer:
             if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
                 self.log_step(loss, terms, seen / (time.perf_counter() - t0))
                 t0, seen = time.perf_counter(), 0
+            stop = self.validator.due(self.step) and self.validator.run(self.step)
             self.maybe_evaluate()
             self.maybe_checkpoint()
+            if stop:
+                break
         return self.finish()
 
     def train_step(self, micro_batches) -> tuple[torch.Tensor, dict]:
@@ -137,7 +189,7 @@ class Trainer:
     # ---- logging, evaluation, checkpoints ------------------------------------------------
     def _global_skips(self) -> dict[str, int]:
         counts = torch.tensor([self.loader.skipped.get(k, 0) for k in SKIP_KINDS], dtype=torch.long)
-        if self.env.world > 1:
+        if self.env.world > 1 and not self.cached:  # every rank holds the whole cache's counts
             torch.distributed.all_reduce(counts, group=self.env.group)
         return {k: int(v) for k, v in zip(SKIP_KINDS, counts.tolist()) if v}
 
@@ -194,6 +246,7 @@ class Trainer:
             "rng": rng,
             "data": data,
             "world": self.env.world,
+            "validation": self.validator.state_dict(),
         }
         self.last_checkpoint = self.checkpointer.save(self.step, state)
         backends.barrier(self.env)
@@ -216,6 +269,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        self.validator.load_state_dict(state.get("validation"))
         if state.get("world") == self.env.world:
             _set_rng_states(state["rng"][self.env.rank], self.env.device)
         log.info("resumed from %s at step %d", path, self.step)
@@ -249,10 +303,11 @@ class Trainer:
         backends.barrier(self.env)
 
     def finish(self) -> dict:
+        restored = self.validator.restore_best(self.step)
         # the final checkpoint first: nothing that happens in evaluation can lose the trained weights
-        if self.last_checkpoint is None or self.checkpointer.path_for(self.step) != self.last_checkpoint:
+        if restored or self.last_checkpoint is None or self.checkpointer.path_for(self.step) != self.last_checkpoint:
             self.save_checkpoint()
-        if self.last_eval_step != self.step:  # the same decision on every rank (they meet at a barrier)
+        if restored or self.last_eval_step != self.step:  # the same decision on every rank (barriers)
             self.maybe_evaluate(force=True)
         self.logger.close()
         summary = {
@@ -261,6 +316,7 @@ class Trainer:
             "output_dir": str(self.out_dir),
             "skipped": dict(self._global_skips()),
             "eval": self.eval_results[-1] if self.eval_results else {},
+            **self.validator.summary(),
         }
         if self.env.is_main:
             print(f"vlp: trained {self.step} steps; outputs in {self.out_dir} (checkpoint {self.last_checkpoint})")
