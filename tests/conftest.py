@@ -101,3 +101,50 @@ def run_cli(*args, cwd=None, env=None, timeout=600, check=True) -> subprocess.Co
     if check and proc.returncode != 0:
         raise AssertionError(f"vlp {args[0]} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+TINY_WORDS = (  # noqa: SIM905 - a readable vocabulary
+    "[PAD] [UNK] [CLS] [SEP] [MASK] a an the of and with , red green blue yellow black white apple dog cat "
+    "tree house car star flower drawing illustration icon circle square triangle two three big small"
+).split()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_text(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer BERT and its word-level tokenizer, saved as a Hugging Face folder
+    (what ``save_pretrained`` writes), standing in for a real sentence model such as all-MiniLM-L6-v2."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(TINY_WORDS) + "\n")
+    BertTokenizer(str(vocab)).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(TINY_WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def tiny_tower_sets(hf_folder, *extra: str) -> list[str]:
+    """``--set`` overrides of a `custom` model: timm's tiny ``test_efficientnet`` (random init) and
+    the tiny BERT folder, both locked, 32-d embeddings."""
+    return [
+        "model.name=custom",
+        "model.embed_dim=32",
+        "model.vision.timm_model_name=test_efficientnet",
+        "model.vision.image_size=64",
+        "model.vision.lock=true",
+        f"model.text.hf_model_name_or_path={hf_folder}",
+        "model.text.context_length=16",
+        "model.text.lock=true",
+        *extra,
+    ]

@@ -32,8 +32,15 @@ def _add_train(sub) -> None:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="make shapes shards, train a tiny CLIP on CPU, evaluate, report")
-    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--out", help="output folder (default: runs/demo, with --real runs/lit)")
     p.add_argument("--steps", type=int, help="training steps (default: configs/demo.yaml)")
+    p.add_argument(
+        "--real",
+        action="store_true",
+        help="locked-image tuning of pretrained towers on OpenClipart, evaluated on held-out clip art and "
+        "Fashion-MNIST (configs/lit_openclipart.yaml; needs the Debian data packages and .[real])",
+    )
+    p.add_argument("--quick", action="store_true", help="with --real: a smoke run on a few hundred images")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
 
@@ -130,9 +137,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.real:
+        from vlp.demo_real import run_real_demo
+
+        steps = [f"train.steps={args.steps}"] if args.steps is not None else []
+        run_real_demo(args.out or "runs/lit", overrides=list(args.overrides) + steps, quick=args.quick)
+        return 0
+    if args.quick:
+        raise ConfigError("--quick goes with --real")
     from vlp.demo import run_demo
 
-    run_demo(args.out, steps=args.steps, overrides=args.overrides)
+    run_demo(args.out or "runs/demo", steps=args.steps, overrides=args.overrides)
     return 0
 
 

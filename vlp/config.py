@@ -103,6 +103,14 @@ class DataConfig:
     )
     image_keys: list[str] = _f(["jpg", "jpeg", "png", "webp"], "Sample fields tried for the image, in order.")
     text_key: str = _f("txt", "Sample field holding the caption.")
+    caption_variants_key: str = _f(
+        "",
+        "Field of the sample's JSON holding alternative captions, one of which replaces the caption each "
+        "epoch ('' = off).",
+    )
+    unique_captions: bool = _f(
+        False, "Keep equal captions (ignoring case and spacing) out of the same per-rank training batch."
+    )
 
 
 @dataclass
@@ -283,6 +291,8 @@ def _convert(value: Any, tp, key: str, where: str):
             fail(f"a mapping of {tp.__name__} keys")
         return _build(tp, value, key, where)
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(tp):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in typing.get_args(tp):
             fail(_type_name(tp))
         return value

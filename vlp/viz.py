@@ -26,11 +26,20 @@ def plot_run(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
         ("eval/zeroshot_retrieval/image_retrieval_recall@1", "text->image R@1"),
         ("eval/compositional/acc", "compositional acc"),
         ("eval/counting/acc", "counting acc"),
+        ("eval/linear_probe/acc1", "linear probe acc@1"),
     ]:
         pts = [(r["step"], r[key]) for r in evals if key in r]
         if pts:
             ax2.plot(*zip(*pts), marker="o", label=label)
-    ax2.set(xlabel="step", ylabel="held-out metric", title="evaluation", ylim=(0, 1))
+    for key, label in [  # validation during training (train.val_every), dashed
+        ("val/text_retrieval_recall@1", "val image->text R@1"),
+        ("val/image_retrieval_recall@10", "val text->image R@10"),
+        ("val/score", "val score (mean recall)"),
+    ]:
+        pts = [(r["step"], r[key]) for r in records if key in r]
+        if pts:
+            ax2.plot(*zip(*pts), linestyle="--", label=label)
+    ax2.set(xlabel="step", ylabel="held-out metric", title="validation and evaluation", ylim=(0, 1))
     ax2.grid(alpha=0.3)
     ax2.legend()
     fig.tight_layout()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import random
 from collections import Counter
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ SKIP_KINDS = (
     "empty_caption",
     "bad_caption_encoding",  # not UTF-8
     "bad_json",  # metadata that is not a JSON object: sample kept, metadata dropped
+    "duplicate_caption",  # data.unique_captions: deferred too long behind same-caption samples
 )
 
 
@@ -122,3 +124,25 @@ def decode_sample(raw: dict, opts: DecodeOptions, skips: SkipCounter) -> dict | 
         except ValueError:
             skips.add("bad_json", _where(raw), "cls is not an integer")
     return {"image": image, "text": text, "json": meta, "__key__": raw.get("__key__", "")}
+
+
+def caption_variants(meta: dict, field: str) -> list[str]:
+    """The usable captions of the list ``meta[field]``: stripped, non-empty, first occurrence kept;
+    non-strings are ignored. Empty when ``meta`` has no such list."""
+    variants = meta.get(field) if isinstance(meta, dict) else None
+    if not isinstance(variants, list):
+        return []
+    stripped = (v.strip() for v in variants if isinstance(v, str))
+    return list(dict.fromkeys(v for v in stripped if v))
+
+
+def caption_variant(meta: dict, field: str, seed: int, key: str, epoch: int) -> str | None:
+    """One caption drawn from :func:`caption_variants`, or None when there is none.
+
+    The draw depends only on (seed, key, epoch), so it differs between epochs and a resumed run
+    draws the same caption.
+    """
+    choices = caption_variants(meta, field)
+    if not choices:
+        return None
+    return random.Random(f"variant/{seed}/{key}/{epoch}").choice(choices)

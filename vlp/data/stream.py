@@ -7,6 +7,10 @@ keeps the position of the last batch it *consumed* from each reader, and a resum
 every reader to that position (reading tar bytes, no decoding) and rotates the reader slots so
 the DataLoader's round-robin continues with the same reader. A resumed run therefore sees
 exactly the batches an uninterrupted run would have seen.
+
+With ``unique_captions`` a sample whose caption is already in the batch waits for a later batch;
+``_state`` then also lists where each waiting sample was read ((source, epoch, position in that
+reader's epoch stream)), and a resumed run re-reads exactly those samples from the shards.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlp.data.decode import DecodeOptions, SkipCounter, decode_sample
+from vlp.data.decode import DecodeOptions, SkipCounter, caption_variant, decode_sample
 from vlp.data.shardlists import reader_shards
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,8 @@ class StreamSpec:
     shuffle_buffer: int = 1000
     infinite: bool = True  # False: one pass over epoch 0, partial last batch kept (evaluation)
     decode: DecodeOptions = field(default_factory=DecodeOptions)
+    caption_variants_key: str = ""  # json field of alternative captions, one drawn per epoch ("" = off)
+    unique_captions: bool = False  # no two equal captions in one batch (see _UniqueBatcher)
 
 
 def _truncated(url: str) -> bool:
@@ -163,6 +169,67 @@ class _Mixer:
         return {"sources": [(s.epoch, s.consumed) for s in self.sources], "draws": self.draws}
 
 
+def caption_norm(text: str) -> str:
+    """The form in which two captions count as equal: lower case, whitespace collapsed."""
+    return " ".join(text.lower().split())
+
+
+class _UniqueBatcher:
+    """Fills batches whose captions are distinct, deferring a repeated caption to a later batch.
+
+    Identical captions in one batch are false negatives for the contrastive loss. A deferred sample
+    waits, decoded but not augmented, in ``pending`` and goes into the next batch with room for it,
+    before any new sample. At most ``batch_size`` wait: beyond that the oldest is dropped and counted
+    as ``duplicate_caption``, so data made mostly of one caption cannot hold unbounded memory.
+    """
+
+    def __init__(self, batch_size: int, skips: SkipCounter, pending: list[dict], watch: list[_SourceReader]):
+        self.batch_size, self.skips, self.pending, self.watch = batch_size, skips, pending, watch
+        self._start: list[int] = []
+
+    def fill(self, samples: Iterator[dict], transform: Callable) -> list[dict]:
+        """Up to ``batch_size`` transformed samples; fewer only when ``samples`` is exhausted and
+        every sample still pending repeats a caption of this batch."""
+        batch, captions = [], set()
+
+        def place(sample) -> bool:
+            keys = sample["_caption_keys"]
+            if not captions.isdisjoint(keys):
+                return False
+            captions.update(keys)
+            batch.append(transform(sample))  # augmented here, so with this batch's random seed
+            return True
+
+        waiting, self.pending = self.pending, []
+        for sample in waiting:
+            if len(batch) == self.batch_size or not place(sample):
+                self.pending.append(sample)
+        self._start = [r.epoch for r in self.watch]
+        while len(batch) < self.batch_size:
+            sample = next(samples, None)
+            if sample is None:
+                break
+            if not place(sample):
+                self._defer(sample)
+        return batch
+
+    def _defer(self, sample: dict) -> None:
+        self.pending.append(sample)
+        if len(self.pending) <= self.batch_size:
+            return
+        dropped = self.pending.pop(0)
+        self.skips.add("duplicate_caption", dropped["__key__"], dropped["text"])
+        if all(r.epoch >= e + 2 for r, e in zip(self.watch, self._start)):
+            # a whole epoch went by without completing this batch: it never will
+            raise RuntimeError(
+                f"data.unique_captions: a whole epoch of reader {self.watch[0].reader} holds fewer than "
+                f"{self.batch_size} distinct captions; lower data.batch_size or turn unique_captions off"
+            )
+
+    def state(self) -> dict:
+        return {"pending": [s["_origin"] for s in self.pending]}
+
+
 class ShardStream(IterableDataset):
     """Batches of ``{"image": Bx3xHxW, "text": BxL, "caption": [str], "json": [dict], ...}``.
 
@@ -186,6 +253,11 @@ class ShardStream(IterableDataset):
             for i, urls in enumerate(self.spec.sources)
         ]
         mixer = _Mixer(readers_, self.spec.weights, self.spec.seed, reader, state["draws"])
+        batcher = None
+        if self.spec.unique_captions:
+            watch = [r for r, w in zip(readers_, mixer.weights) if w > 0] or readers_
+            pending = self._reread(readers_, state.get("pending", []))
+            batcher = _UniqueBatcher(self.spec.batch_size, skips, pending, watch)
         batches = state["batches"]
         samples = self._samples(mixer, readers_, skips)
         while True:
@@ -193,21 +265,65 @@ class ShardStream(IterableDataset):
             # and isolated from the training process's RNG when loading in-process
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(hash((self.spec.seed, reader, batches)) & 0x7FFF_FFFF_FFFF)
-                batch = [self._transform(s) for s in itertools.islice(samples, self.spec.batch_size)]
+                if batcher:
+                    batch = batcher.fill(samples, self._transform)
+                else:
+                    batch = [self._transform(s) for s in itertools.islice(samples, self.spec.batch_size)]
             if len(batch) < self.spec.batch_size and self.spec.infinite:
                 return
             batches += 1
+            position = {**mixer.state(), "batches": batches, **(batcher.state() if batcher else {})}
             if batch or skips.counts:
-                yield self._collate(batch, slot, {**mixer.state(), "batches": batches}, skips.drain())
-            if len(batch) < self.spec.batch_size:
+                yield self._collate(batch, slot, position, skips.drain())
+            # one pass: short batches of distinct captions flush what is pending after the last sample
+            if len(batch) < self.spec.batch_size and not (batcher and batcher.pending):
                 return
 
     def _samples(self, mixer, readers, skips):
         for i, raw in mixer:
-            sample = decode_sample(raw, self.spec.decode, skips)
+            # the reader has just counted this sample: its position is one before its count
+            sample = self._decode(raw, (i, readers[i].epoch, readers[i].consumed - 1), skips)
             if sample is not None:
-                sample["_epoch"] = readers[i].epoch
                 yield sample
+
+    def _decode(self, raw: dict, origin: tuple[int, int, int], skips: SkipCounter) -> dict | None:
+        """Decode, tag with (source, epoch, position) and draw the caption variant of this epoch."""
+        sample = decode_sample(raw, self.spec.decode, skips)
+        if sample is None:
+            return None
+        sample["_epoch"], sample["_origin"] = origin[1], tuple(origin)
+        own = sample["text"]
+        if self.spec.caption_variants_key:
+            key, seed = sample["__key__"], self.spec.seed
+            variant = caption_variant(sample["json"], self.spec.caption_variants_key, seed, key, origin[1])
+            sample["text"] = variant or sample["text"]
+        # two samples clash when their drawn captions or their own captions are equal: samples that
+        # share a caption usually share all their variants ("a drawing of X" for both)
+        sample["_caption_keys"] = {caption_norm(sample["text"]), caption_norm(own)}
+        return sample
+
+    def _reread(self, readers: list[_SourceReader], origins: list) -> list[dict]:
+        """The samples read at ``origins`` ((source, epoch, position)), decoded again, in order.
+
+        Each needed epoch stream is read again up to the last position wanted (tar bytes only; just
+        the wanted samples are decoded). Skips are not counted again: they were counted when the
+        samples were first read.
+        """
+        wanted: dict[tuple[int, int], set[int]] = {}
+        for src, epoch, pos in origins:
+            wanted.setdefault((src, epoch), set()).add(pos)
+        quiet = SkipCounter(examples_per_kind=0)
+        found = {}
+        for (src, epoch), positions in wanted.items():
+            r = readers[src]
+            stream = _SourceReader(r.urls, self.spec, r.reader, r.readers, quiet)._epoch_samples(epoch)
+            for pos, raw in enumerate(itertools.islice(stream, max(positions) + 1)):
+                if pos in positions:
+                    found[(src, epoch, pos)] = self._decode(raw, (src, epoch, pos), quiet)
+        samples = [found.get(tuple(o)) for o in origins]
+        if None in samples:
+            log.warning("%d pending sample(s) could not be read again: have the shards changed?", samples.count(None))
+        return [s for s in samples if s is not None]
 
     def _transform(self, sample):
         sample["image"] = self.transform(sample["image"])

@@ -59,6 +59,8 @@ def build_train_loader(cfg, model, mean, std, env, state=None) -> StreamLoader:
         resampled=d.resampled,
         shuffle_buffer=d.shuffle_buffer,
         decode=decode_options(d),
+        caption_variants_key=d.caption_variants_key,
+        unique_captions=d.unique_captions,
     )
     transform = train_transform(image_size(model), mean, std, d.train_crop_scale)
     return StreamLoader(spec, transform, get_tokenizer(cfg.model), d.workers, state)

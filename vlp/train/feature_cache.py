@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vlp.data.decode import SkipCounter, decode_caption
-from vlp.data.stream import _shard_samples
+from vlp.data.decode import SkipCounter, caption_variants, decode_caption
+from vlp.data.stream import _shard_samples, caption_norm
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump when the encoding of cached features changes
 
 
 class TrunkEncoder:
@@ -41,11 +41,15 @@ class TrunkEncoder:
         self.model = model
 
     def encode_image(self, pixels):
-        return self.model.visual.trunk(pixels)
+        # the trunk's weights are channels-last (see towers.build_custom): about 2x faster on CPU
+        return self.model.visual.trunk(pixels.contiguous(memory_format=torch.channels_last))
 
     def encode_text(self, tokens):
         text = self.model.text
         mask = (tokens != text.config.pad_token_id).long()
+        # trailing padding changes nothing under the attention mask: cut it (captions are short)
+        width = max(int(mask.sum(1).max()), 1)
+        tokens, mask = tokens[:, :width], mask[:, :width]
         return text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask)
 
 
@@ -130,10 +134,7 @@ def _variants(raw: dict, key: str, skips: SkipCounter, where: str) -> list[str]:
     except ValueError:
         skips.add("bad_json", where)
         return []
-    values = meta.get(key) if isinstance(meta, dict) else None
-    if not isinstance(values, list):
-        return []
-    return list(dict.fromkeys(v.strip() for v in values if isinstance(v, str) and v.strip()))
+    return caption_variants(meta, key)
 
 
 def fingerprint(urls: list[str], model_cfg: dict, preprocess: str, variants_key: str) -> str:
@@ -177,7 +178,13 @@ def build_feature_cache(model, urls, preprocess, tokenizer, env, *, cache_file: 
         encoder, images, preprocess, env, batch_size=batch_size, workers=data_cfg.workers, desc=f"{desc} images"
     )
     flat = [c for i in kept for c in captions[i]]
-    txt = text_features(encoder, tokenizer, flat, env, batch_size=batch_size, desc=f"{desc} captions")
+    # encoded shortest first, so each batch is cut to a similar length (see TrunkEncoder.encode_text)
+    order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
+    encoded = text_features(
+        encoder, tokenizer, [flat[i] for i in order], env, batch_size=batch_size, desc=f"{desc} captions"
+    )
+    txt = torch.empty_like(encoded)
+    txt[torch.as_tensor(order, dtype=torch.long)] = encoded
     model.train(was_training)
     counts = [len(captions[i]) for i in kept]
     first = torch.zeros(len(kept) + 1, dtype=torch.long)
@@ -203,27 +210,31 @@ def build_feature_cache(model, urls, preprocess, tokenizer, env, *, cache_file: 
 class CachedBatches:
     """Batches ``{"image": B x Dv, "text": B x Dt, "caption": [str]}`` of this rank, forever.
 
-    Epoch ``e``: a permutation and one caption variant per sample drawn from ``(seed, e)``; global
-    batches of ``batch_size x world`` samples without two identical captions (case-insensitive);
-    rank ``r`` takes rows ``r*B:(r+1)*B`` of each. A sample whose caption is already in the batch
-    waits for the next batch; what still waits at the end of the epoch is counted in
-    ``deferred_total`` and logged. The state is (epoch, batch index): a resumed run continues exactly.
+    Epoch ``e``: a permutation and one caption variant per sample drawn from ``(seed, e)``, cut into
+    global batches of ``batch_size x world`` samples; rank ``r`` takes rows ``r*B:(r+1)*B`` of each.
+    With ``unique``, no global batch holds two samples whose drawn or first captions are equal
+    (ignoring case and spacing): such a sample waits for the next batch with room for it, and what
+    still waits when the epoch's samples run out is left out of that epoch (counted in
+    ``deferred_total`` and logged). The state is (epoch, batch index): a resumed run continues exactly.
     """
 
-    def __init__(self, cache: FeatureCache, batch_size: int, *, rank=0, world=1, seed=0, state=None):
+    def __init__(self, cache: FeatureCache, batch_size: int, *, rank=0, world=1, seed=0, unique=True, state=None):
         if len(cache) < batch_size * world:
             raise ValueError(
                 f"{len(cache)} cached samples cannot fill one global batch of {batch_size} x {world} ranks: "
                 "lower data.batch_size"
             )
         self.cache, self.batch_size, self.rank, self.world, self.seed = cache, batch_size, rank, world, seed
+        self.unique = unique
         state = state or {}
         self.epoch, self.batch = int(state.get("epoch", 0)), int(state.get("batch", 0))
         self.skipped: Counter = Counter(cache.skipped)  # bad data met while encoding the cache
         self.deferred_total = int(state.get("deferred_total", 0))
+        first = cache.first_text.tolist()
+        self._primary = [caption_norm(cache.captions[first[i]]) for i in range(len(cache))]
 
-    def _epoch(self, epoch: int) -> list[list[int]]:
-        """Global batches of caption-row indices for ``epoch``."""
+    def _draw(self, epoch: int) -> tuple[list[int], list[int]]:
+        """(sample order, caption row of each sample) of ``epoch``."""
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) & 0x7FFF_FFFF_FFFF)
         n = len(self.cache)
         order = torch.randperm(n, generator=gen).tolist()
@@ -231,30 +242,37 @@ class CachedBatches:
         counts = (first[1:] - first[:-1]).tolist()
         pick = torch.rand(n, generator=gen).tolist()
         rows = [int(first[i]) + min(int(pick[i] * counts[i]), counts[i] - 1) for i in range(n)]
+        return order, rows
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        """Global batches of caption-row indices for ``epoch``; sets ``_left_out`` (repeats that
+        found no batch, and the incomplete last batch)."""
+        order, rows = self._draw(epoch)
         size = self.batch_size * self.world
-        batches, waiting = [], []
-        it = iter(order)
+        if not self.unique:
+            self._left_out = (len(order) % size, 0)
+            return [[rows[i] for i in order[s : s + size]] for s in range(0, len(order) - size + 1, size)]
+        keys = [{self._primary[i], caption_norm(self.cache.captions[rows[i]])} for i in range(len(order))]
+        batches, waiting, new = [], [], iter(order)
         while True:
             cur, seen, still = [], set(), []
             for i in waiting:
-                key = self.cache.captions[rows[i]].lower()
-                if len(cur) < size and key not in seen:
-                    cur.append(rows[i]), seen.add(key)
+                if len(cur) < size and seen.isdisjoint(keys[i]):
+                    cur.append(i), seen.update(keys[i])
                 else:
                     still.append(i)
             waiting = still
-            for i in it:
-                key = self.cache.captions[rows[i]].lower()
-                if key in seen:
+            for i in new:
+                if not seen.isdisjoint(keys[i]):
                     waiting.append(i)
                     continue
-                cur.append(rows[i]), seen.add(key)
+                cur.append(i), seen.update(keys[i])
                 if len(cur) == size:
                     break
             if len(cur) < size:
-                self._deferred = len(waiting) + len(cur)
+                self._left_out = (len(cur), len(waiting))
                 return batches
-            batches.append(cur)
+            batches.append([rows[i] for i in cur])
 
     def __iter__(self):
         owner = torch.repeat_interleave(
@@ -273,13 +291,15 @@ class CachedBatches:
                     "text": self.cache.text[rows_t],
                     "caption": [self.cache.captions[r] for r in rows],
                 }
-            self.deferred_total += self._deferred
-            if self._deferred:
-                log.info(
-                    "epoch %d: %d samples left for later epochs because their caption repeated in every "
-                    "remaining batch (identical captions are kept out of one batch)",
+            partial, repeats = self._left_out
+            self.deferred_total += repeats
+            if repeats:
+                (log.info if self.epoch == 0 else log.debug)(
+                    "epoch %d: %d samples left out: their caption repeats one already in every batch that "
+                    "was left (data.unique_captions); %d more did not fill a last batch",
                     self.epoch,
-                    self._deferred,
+                    repeats,
+                    partial,
                 )
             self.epoch, self.batch = self.epoch + 1, 0
 

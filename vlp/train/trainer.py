@@ -96,7 +96,7 @@ class Trainer:
                               "set model.cache_features=off to mix sources by weight")  # fmt: skip
         return True
 
-    def build_cache(self, patterns, variants_key="caption_variants", desc="train"):
+    def build_cache(self, patterns, variants_key="", desc="train"):
         """The frozen trunks' features of every sample of ``patterns`` (encoded once, then on disk)."""
         from vlp.data.shardlists import expand_urls
         from vlp.models.towers import open_clip_config
@@ -120,9 +120,10 @@ class Trainer:
         if not self.cached:
             return build_train_loader(self.cfg, self.model, self.mean, self.std, self.env, state)
         e = self.env
-        cache = self.build_cache(self.cfg.data.train_shards)
-        return CachedBatches(cache, self.cfg.data.batch_size, rank=e.rank, world=e.world, seed=self.cfg.train.seed,
-                             state=state)  # fmt: skip
+        d = self.cfg.data
+        cache = self.build_cache(d.train_shards, variants_key=d.caption_variants_key)
+        return CachedBatches(cache, d.batch_size, rank=e.rank, world=e.world, seed=self.cfg.train.seed,
+                             unique=d.unique_captions, state=state)  # fmt: skip
 
     def _load_eval_specs(self) -> list:
         """The eval tasks' data, read once (images stay on disk; WebDataset bytes in memory)."""
@@ -203,6 +204,8 @@ class Trainer:
             "samples_per_s": samples_per_s_rank * self.env.world,
             **{f"data/skipped/{k}": v for k, v in self.skipped.items()},
         }
+        if getattr(self.loader, "deferred_total", 0):  # cached features: repeats left out of epochs
+            metrics["data/left_out_repeats"] = self.loader.deferred_total
         self.logger.log(self.step, metrics)
         self.logger.advance(self.cfg.train.log_every)
 
