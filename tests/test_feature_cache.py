@@ -4,6 +4,7 @@ the trainer's cached path (validation, early stopping, resume) on tiny random to
 from __future__ import annotations
 
 import shutil
+import sys
 
 import pytest
 import torch
@@ -183,3 +184,42 @@ def test_early_stopping_ends_the_run_with_the_best_weights(shapes_shards, tiny_h
     assert summary["best_step"] == best and summary["step"] - best == 2  # two checks without improvement
     state = torch.load(summary["checkpoint"], weights_only=True)
     assert state["validation"]["best_step"] == best
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_cached_heads_like_one_with_the_global_batch(shapes_shards, tiny_hf_text, tmp_path):
+    """torchrun, 2 gloo ranks x 8: each rank encodes half the cache, all gather it, and the loss of
+    every step equals one process with batch 16 (the same global batches, split by rank)."""
+    import os
+    import subprocess
+
+    from tests.distributed import torchrun_cmd
+
+    def sets(out, batch):
+        cfg = tiny_tower_sets(tiny_hf_text) + [
+            f"data.train_shards=['{shapes_shards['train']}']",
+            "data.val_shards=[]",
+            "eval.data=[]",
+            "eval.tasks=[]",
+            f"data.batch_size={batch}",
+            "data.unique_captions=true",
+            f"train.output_dir={out}",
+            "train.steps=4",
+            "train.log_every=1",
+            "train.checkpoint_every=0",
+            "train.lr=0.01",
+        ]
+        return ["--config", "configs/demo.yaml", *[a for s in cfg for a in ("--set", s)]]
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "vlp.train", *sets(one, 16)], cwd=REPO, env=env, check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(torchrun_cmd("vlp.train", sets(two, 8)), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert all(len(list((out / "feature_cache").glob("train-*.pt"))) == 1 for out in (one, two))
+    a, b = _losses(one), _losses(two)
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, b)

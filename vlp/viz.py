@@ -39,6 +39,9 @@ def plot_run(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
         pts = [(r["step"], r[key]) for r in records if key in r]
         if pts:
             ax2.plot(*zip(*pts), linestyle="--", label=label)
+    scores = [(r["val/score"], -r["step"]) for r in records if "val/score" in r]
+    if scores:  # the run ends with these weights: the final evaluation is of them
+        ax2.axvline(-max(scores)[1], color="grey", linestyle=":", label="best validation (weights kept)")
     ax2.set(xlabel="step", ylabel="held-out metric", title="validation and evaluation", ylim=(0, 1))
     ax2.grid(alpha=0.3)
     ax2.legend()
