@@ -223,3 +223,16 @@ def test_two_processes_train_the_cached_heads_like_one_with_the_global_batch(sha
     assert sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, b)
+
+
+def test_a_damaged_cache_file_is_encoded_again(shapes_shards, tiny_hf_text, tmp_path, caplog, capsys):
+    from vlp.train.trainer import Trainer
+
+    trainer = Trainer(_lit_config(shapes_shards, tiny_hf_text, tmp_path))
+    first = trainer.build_cache([shapes_shards["val"]], desc="val")
+    (path,) = (tmp_path / "feature_cache").glob("val-*.pt")
+    path.write_bytes(path.read_bytes()[:1000])  # a run killed mid-write by something other than vlp
+    again = trainer.build_cache([shapes_shards["val"]], desc="val")
+    assert "unreadable" in caplog.text and capsys.readouterr().out.count("encoding 64 val images") == 2
+    assert torch.equal(first.image, again.image) and first.captions == again.captions
+    assert trainer.build_cache([shapes_shards["val"]], desc="val").keys == first.keys  # rewritten whole

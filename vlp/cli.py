@@ -93,7 +93,7 @@ def _add_eval(sub) -> None:
         "--task",
         action="append",
         required=True,
-        help="zeroshot_classification | zeroshot_retrieval | compositional | counting (repeatable)",
+        help="zeroshot_classification | zeroshot_retrieval | compositional | counting | linear_probe (repeatable)",
     )
     p.add_argument(
         "--data", action="append", required=True, help="data of each --task, in order (one --data serves every task)"

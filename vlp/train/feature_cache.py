@@ -148,18 +148,19 @@ def fingerprint(urls: list[str], model_cfg: dict, preprocess: str, variants_key:
 
 
 def build_feature_cache(model, urls, preprocess, tokenizer, env, *, cache_file: Path, data_cfg, batch_size: int,
-                        variants_key: str = "caption_variants", desc: str = "train") -> FeatureCache:  # fmt: skip
+                        variants_key: str = "", desc: str = "train") -> FeatureCache:  # fmt: skip
     """Encode every sample of ``urls`` with the frozen trunks, or load the cache saved earlier.
 
     Every rank encodes its share and all get the full cache (see :mod:`vlp.eval.extract`); the main
     rank saves it atomically to ``cache_file``.
     """
     from vlp.eval.extract import image_features, text_features
-    from vlp.train.backends import barrier
+    from vlp.train.backends import all_gather_objects, barrier
     from vlp.train.checkpoint import atomic_write_bytes
 
-    if cache_file.is_file():
-        state = torch.load(cache_file, map_location="cpu", weights_only=True)
+    state = _read_cache(cache_file)
+    # every rank must take the same branch (encoding has collectives): use the cache only if all can
+    if all(all_gather_objects(state is not None, env)):
         if env.is_main:
             print(f"vlp: {desc} features from the cache {cache_file} ({state['image'].shape[0]} samples)", flush=True)
         return FeatureCache(**state)
@@ -205,6 +206,19 @@ def build_feature_cache(model, urls, preprocess, tokenizer, env, *, cache_file: 
         print(f"vlp: cached {len(kept)} {desc} samples ({len(flat)} captions) in {cache_file}", flush=True)
     barrier(env)
     return FeatureCache(**state)
+
+
+def _read_cache(path: Path) -> dict | None:
+    """The saved cache, or None when there is none or it cannot be read (then it is encoded again)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        FeatureCache(**state)  # every field present
+        return state
+    except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
+        log.warning("feature cache %s is unreadable (%s): encoding again", path, str(e).splitlines()[0][:200])
+        return None
 
 
 class CachedBatches:
