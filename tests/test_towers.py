@@ -188,3 +188,32 @@ def test_locking_keeps_the_trunk_function(tiny_hf_text, tmp_path, unlocked):
 def test_unlocking_more_groups_than_the_trunk_has_is_an_error(tiny_hf_text):
     with pytest.raises(ValueError, match="unlocked_groups=50.*layer groups"):
         build_model(_model_cfg(tiny_hf_text, "model.vision.unlocked_groups=50"))
+
+
+def test_partially_unlocked_towers_train_through_the_stream(shapes_shards, tiny_hf_text, tmp_path):
+    """Not fully locked: no feature cache; the stream tokenizes with the Hugging Face tokenizer and
+    the unlocked layers move while the locked ones stay."""
+    from conftest import REPO
+
+    from vlp.train.trainer import Trainer
+
+    sets = tiny_tower_sets(tiny_hf_text, "model.vision.unlocked_groups=1", "model.text.unlocked_layers=1")
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        sets + [
+            f"data.train_shards=['{shapes_shards['train']}']", "data.val_shards=[]", "eval.data=[]",
+            "data.workers=1", "data.batch_size=8", f"train.output_dir={tmp_path}", "train.steps=3",
+            "train.warmup_steps=0", "train.lr=0.01", "train.checkpoint_every=0",
+        ],
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    after = trainer.model.state_dict()
+    assert not trainer.cached and not (tmp_path / "feature_cache").exists()
+    assert torch.equal(before["text.transformer.embeddings.word_embeddings.weight"],
+                       after["text.transformer.embeddings.word_embeddings.weight"])  # fmt: skip
+    assert not torch.equal(before["text.transformer.encoder.layer.1.output.dense.weight"],
+                           after["text.transformer.encoder.layer.1.output.dense.weight"])  # fmt: skip
+    assert torch.equal(before["visual.trunk.conv_stem.weight"], after["visual.trunk.conv_stem.weight"])
+    assert not torch.equal(before["visual.trunk.conv_head.weight"], after["visual.trunk.conv_head.weight"])
