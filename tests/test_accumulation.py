@@ -229,3 +229,30 @@ def test_two_processes_accumulated_equal_one_process_full_batch(k):
             _assert_grads_equal(got["grads"], g_ref)
             # DDP reduced each bucket once (the last micro-batch), not once per micro-batch
             assert got["syncs"] and len(got["syncs"]) == len(set(got["syncs"])), (name, got["syncs"])
+
+
+def test_coca_caption_term_accumulates_to_the_full_batch_token_mean():
+    """CoCa: the contrastive term spans all micro-batches (cached), the captioning term is a
+    per-micro-batch token mean weighted by token counts: together the full batch's gradient, even
+    with captions of different lengths in each micro-batch."""
+    torch.manual_seed(0)
+    model = build_model("coca_debug")[0].double().train()
+    g = torch.Generator().manual_seed(2)
+    micro = []
+    for lengths in ([3, 9, 5], [12, 4, 7]):  # unequal token counts per micro-batch
+        text = torch.zeros(len(lengths), 32, dtype=torch.long)
+        for row, n in enumerate(lengths):
+            text[row, 0], text[row, 1 : n - 1], text[row, n - 1] = (
+                49406,
+                torch.randint(1, 49000, (n - 2,), generator=g),
+                49407,
+            )
+        image = torch.randn(len(lengths), 3, 64, 64, generator=g, dtype=torch.float64)
+        micro.append({"image": image, "text": text, "caption": [""] * len(lengths)})
+    loss_cfg = LossConfig(caption_weight=2.0)
+    loss_k, grads_k = _run(model, micro, loss_cfg)
+    loss_1, grads_1 = _run(model, [_cat(micro)], loss_cfg)
+    assert loss_k.item() == pytest.approx(loss_1.item(), abs=1e-10)
+    _assert_grads_equal(grads_k, grads_1)
+    # and the captioning term really is in the objective (its gradient reaches the decoder)
+    assert grads_1["text_decoder.text_projection"].abs().sum() > 0

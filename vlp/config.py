@@ -134,8 +134,27 @@ class ContrastiveConfig:
 
 
 @dataclass
+class DistillConfig:
+    enabled: bool = _f(
+        False,
+        "ALBEF momentum distillation: an EMA teacher's similarities soften the contrastive targets and its "
+        "queued features are extra negatives (replaces the plain contrastive term; clip type, gather impl).",
+    )
+    momentum: float = _f(0.995, "EMA momentum m of the teacher: teacher = m * teacher + (1 - m) * model, every step.")
+    queue_size: int = _f(65536, "Queued teacher features per modality K; must be a multiple of the global batch.")
+    alpha: float = _f(0.4, "Weight of the teacher's soft targets after the warm-up (ALBEF: 0.4).")
+    alpha_warmup_steps: int = _f(
+        -1, "Steps of the linear warm-up of alpha from 0 (-1 = one epoch of data.samples_per_epoch; 0 = none)."
+    )
+
+
+@dataclass
 class LossConfig:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    caption_weight: float = _f(
+        2.0, "Weight of the captioning cross-entropy of CoCa models (teacher forcing, padding ignored; 0 = off)."
+    )
+    distill: DistillConfig = field(default_factory=DistillConfig)
     align_weight: float = _f(0.0, "Weight of the alignment regulariser mean ||x_i - y_i||^2 (0 = off).")
     uniform_weight: float = _f(0.0, "Weight of the uniformity regulariser on both towers (0 = off).")
     uniform_t: float = _f(2.0, "Temperature t of the uniformity kernel exp(-t ||x_i - x_j||^2).")
@@ -243,6 +262,19 @@ class Config:
             ("model.text.context_length", m.text.context_length >= 2, "must be >= 2"),
             ("train.val_every", self.train.val_every >= 0, "must be >= 0"),
             ("train.early_stopping_patience", self.train.early_stopping_patience >= 0, "must be >= 0"),
+        ]
+        dl = self.loss.distill
+        checks += [
+            ("loss.caption_weight", self.loss.caption_weight >= 0, "must be >= 0"),
+            ("loss.distill.momentum", 0 <= dl.momentum < 1, "must be in [0, 1)"),
+            ("loss.distill.queue_size", dl.queue_size >= 0, "must be >= 0"),
+            ("loss.distill.alpha", 0 <= dl.alpha <= 1, "must be in [0, 1]"),
+            ("loss.distill.alpha_warmup_steps", dl.alpha_warmup_steps >= -1, "must be >= -1"),
+            (
+                "loss.distill.enabled",
+                not dl.enabled or (self.loss.contrastive.type, self.loss.contrastive.impl) == ("clip", "gather"),
+                "needs loss.contrastive.type=clip and impl=gather (the soft targets need every column)",
+            ),
         ]
         c = self.loss.contrastive
         valid = {"clip": ("gather", "tiled", "grouped"), "siglip": ("gather", "ring")}[c.type]

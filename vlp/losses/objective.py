@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from vlp.losses.contrastive import clip_loss
 from vlp.losses.regularizers import alignment_loss, uniformity_loss
@@ -13,38 +14,32 @@ class Objective:
     """``objective(outputs, group) -> (total, {term: value})``.
 
     Built from ``cfg.loss``; each term reads what it needs from the model's output dict
-    (``image_features``, ``text_features``, ``logit_scale``, ``logit_bias``, ...). Every term
-    here spans the whole (gathered, accumulated) batch; the trainer's exact accumulation
-    relies on it.
+    (``image_features``, ``text_features``, ``logit_scale``, ``logit_bias``, ``logits`` and
+    ``labels`` of CoCa, ``teacher_*`` features of the momentum teacher). Two kinds of term:
+
+    - **global** terms (contrastive or distilled contrastive, regularisers) span the whole
+      gathered and accumulated batch: the trainer's exact accumulation computes them once on
+      the cached features of every micro-batch (:meth:`global_terms`);
+    - **local** terms (CoCa's captioning cross-entropy) are means over one micro-batch's tokens
+      and accumulate per micro-batch, weighted by its share of the tokens (:meth:`local_terms`,
+      :meth:`local_weight`), so the sum is the mean over all tokens of the step. Across ranks it
+      is the mean of the ranks' token means (DDP averages their gradients).
     """
 
-    def __init__(self, loss_cfg):
-        self.cfg = loss_cfg
+    LOCAL_KEYS = ("logits", "labels")  # outputs only local terms read: not cached across micro-batches
+
+    def __init__(self, loss_cfg, teacher=None):
+        self.cfg, self.teacher = loss_cfg, teacher
+        self.alpha = 0.0  # distillation weight of the teacher's targets; the trainer sets it each step
 
     def __call__(self, out: dict, group=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        c, img, txt = self.cfg.contrastive, out["image_features"], out["text_features"]
-        neg = out.get("neg_text_features")
-        if c.type == "siglip":
-            if out.get("logit_bias") is None:
-                raise ValueError("loss.contrastive.type=siglip needs a model with a logit bias (e.g. debug-siglip)")
-            con = siglip_loss(
-                img, txt, out["logit_scale"], out["logit_bias"], group=group, impl=c.impl, neg_text_features=neg
-            )
-        else:
-            con = clip_loss(
-                img,
-                txt,
-                out["logit_scale"],
-                group=group,
-                impl=c.impl,
-                neg_text_features=neg,
-                own_negatives=c.own_negatives,
-                label_smoothing=c.label_smoothing,
-                dcl=c.dcl,
-                tile_size=c.tile_size,
-                group_size=c.group_size,
-            )
-        terms, weights = {"contrastive": con}, {"contrastive": c.weight}
+        total, terms = self.global_terms(out, group)
+        local_total, local = self.local_terms(out)
+        return total + local_total, {**terms, **local}
+
+    def global_terms(self, out: dict, group=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        terms, weights = {"contrastive": self._contrastive(out, group)}, {"contrastive": self.cfg.contrastive.weight}
+        img, txt = out["image_features"], out["text_features"]
         if self.cfg.align_weight:
             terms["align"], weights["align"] = alignment_loss(img, txt, group=group), self.cfg.align_weight
         if self.cfg.uniform_weight:
@@ -53,3 +48,74 @@ class Objective:
             terms["uniform"], weights["uniform"] = both, self.cfg.uniform_weight
         total = sum(weights[k] * v for k, v in terms.items())
         return total, terms
+
+    def local_terms(self, out: dict) -> tuple[torch.Tensor | float, dict[str, torch.Tensor]]:
+        """CoCa's captioning loss of this micro-batch (0 and no term for models without ``logits``)."""
+        if out.get("logits") is None or not self.cfg.caption_weight:
+            return 0.0, {}
+        cap = caption_loss(out["logits"], out["labels"])
+        return self.cfg.caption_weight * cap, {"caption": cap}
+
+    def local_weight(self, out: dict) -> float:
+        """How many items the local terms of ``out`` average over (label tokens), so that
+        micro-batches combine into the mean over all of them."""
+        labels = out.get("labels")
+        if labels is None:
+            return float(out["image_features"].shape[0])
+        return float((labels != PAD_ID).sum())
+
+    def _contrastive(self, out: dict, group) -> torch.Tensor:
+        c, img, txt = self.cfg.contrastive, out["image_features"], out["text_features"]
+        neg = out.get("neg_text_features")
+        if self.cfg.distill.enabled:
+            if self.teacher is None or "teacher_image_features" not in out:
+                raise ValueError("loss.distill.enabled needs the momentum teacher's features in the outputs")
+            from vlp.losses.distill import distilled_clip_loss
+
+            queue_img, queue_txt = self.teacher.queue()
+            return distilled_clip_loss(
+                img,
+                txt,
+                out["logit_scale"],
+                out["teacher_image_features"],
+                out["teacher_text_features"],
+                alpha=self.alpha,
+                queue_image=queue_img,
+                queue_text=queue_txt,
+                group=group,
+            )
+        if c.type == "siglip":
+            if out.get("logit_bias") is None:
+                raise ValueError("loss.contrastive.type=siglip needs a model with a logit bias (e.g. debug-siglip)")
+            return siglip_loss(
+                img, txt, out["logit_scale"], out["logit_bias"], group=group, impl=c.impl, neg_text_features=neg
+            )
+        return clip_loss(
+            img,
+            txt,
+            out["logit_scale"],
+            group=group,
+            impl=c.impl,
+            neg_text_features=neg,
+            own_negatives=c.own_negatives,
+            label_smoothing=c.label_smoothing,
+            dcl=c.dcl,
+            tile_size=c.tile_size,
+            group_size=c.group_size,
+        )
+
+
+PAD_ID = 0  # open_clip's tokenizers pad with 0; CoCa's ``labels`` are the caption tokens after the first
+
+
+def caption_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, pad_id: int = PAD_ID) -> torch.Tensor:
+    """Teacher-forced captioning cross-entropy: mean over the non-padding label tokens.
+
+    ``logits_BLV`` predicts ``labels_BL`` position by position (CoCa's output); padding positions
+    are ignored. Raises ValueError when no label token is left.
+    """
+    if not bool((labels_BL != pad_id).any()):
+        raise ValueError("caption_loss: every label token is padding")
+    if logits_BLV.dtype in (torch.float16, torch.bfloat16):
+        logits_BLV = logits_BLV.float()
+    return F.cross_entropy(logits_BLV.flatten(0, 1), labels_BL.flatten(), ignore_index=pad_id)

@@ -3,11 +3,17 @@
 With k micro-batches, a plain accumulation would compute each contrastive loss over one
 micro-batch only (fewer negatives: not the large-batch gradient). Instead (GradCache):
 1. forward every micro-batch without gradients, recording the RNG state before each;
-2. compute the objective on the concatenated outputs, backward to the cached outputs;
+2. compute the objective's global terms on the concatenated outputs, backward to the cached
+   outputs;
 3. re-forward each micro-batch with gradients from its recorded RNG state (dropout, patch
    dropout and augmentation-in-model replay exactly) and backward the surrogate
-   sum(output * cached_gradient), with DDP's gradient sync only on the last micro-batch.
+   sum(output * cached_gradient) plus the micro-batch's local terms (CoCa's captioning loss)
+   weighted by its share of the tokens they average over, with DDP's gradient sync only on the
+   last micro-batch.
 The parameter gradients equal those of one step over all k micro-batches.
+
+Outputs named ``teacher_*`` (the momentum teacher's features, put in the batch by the trainer)
+are constants: they enter the loss but get no gradient.
 """
 
 from __future__ import annotations
@@ -29,9 +35,13 @@ def _set_rng_state(state, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
+CONSTANT_PREFIX = "teacher_"
+
+
 def _forward(model, batch, device, autocast):
     with autocast():
         out = model(batch["image"].to(device, non_blocking=True), batch["text"].to(device, non_blocking=True))
+    out.update({k: v.to(device) for k, v in batch.items() if k.startswith(CONSTANT_PREFIX)})
     # losses run in fp32 (or the model's own fp64) whatever the autocast dtype
     low = (torch.float16, torch.bfloat16)
     return {k: v.float() if torch.is_tensor(v) and v.dtype in low else v for k, v in out.items()}
@@ -56,11 +66,15 @@ def forward_backward(model, objective, micro_batches, *, device, autocast, scale
 
 
 def _cached_accumulation(model, objective, micro_batches, device, autocast, scaler, group):
-    rng, cached = [], []
+    local_keys = getattr(objective, "LOCAL_KEYS", ())
+    local_weight = getattr(objective, "local_weight", lambda out: 1.0)
+    rng, cached, weights = [], [], []
     with torch.no_grad():
         for batch in micro_batches:
             rng.append(_rng_state(device))
-            cached.append(_forward(model, batch, device, autocast))
+            out = _forward(model, batch, device, autocast)
+            weights.append(local_weight(out))
+            cached.append({k: v for k, v in out.items() if k not in local_keys})  # caption logits: B x L x V
     after_rng = _rng_state(device)
     keys = [k for k, v in cached[0].items() if torch.is_tensor(v) and v.is_floating_point()]
     # per-sample outputs (B x D features, B x K x D negatives) are concatenated; the scale and bias are shared
@@ -69,12 +83,14 @@ def _cached_accumulation(model, objective, micro_batches, device, autocast, scal
     for k in keys:
         # per-sample outputs are concatenated; shared ones (logit scale) are the same in every micro-batch
         value = torch.cat([c[k] for c in cached]) if k in batched else cached[0][k]
-        leaves[k] = value.detach().requires_grad_(True)
-    loss, terms = objective(leaves, group)
+        leaves[k] = value.detach().requires_grad_(not k.startswith(CONSTANT_PREFIX))
+    global_terms = getattr(objective, "global_terms", objective)
+    loss, terms = global_terms(leaves, group)
     scaler.scale(loss).backward()
     grads = {k: v.grad for k, v in leaves.items() if v.grad is not None}
     sizes = [c[batched[0]].shape[0] for c in cached] if batched else []
     split = {k: torch.split(g, sizes) for k, g in grads.items() if k in batched}
+    local_sum: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         _set_rng_state(rng[i], device)
@@ -85,6 +101,13 @@ def _cached_accumulation(model, objective, micro_batches, device, autocast, scal
                 if k not in split:
                     # a shared output's gradient goes in once, on the last (synchronised) pass
                     surrogate = surrogate + (out[k] * (g if last else torch.zeros_like(g))).sum()
+            share = weights[i] / sum(weights)  # a local term is a mean over all micro-batches' tokens
+            local_total, local = objective.local_terms(out) if hasattr(objective, "local_terms") else (0.0, {})
+            if local:
+                surrogate = surrogate + scaler.scale(share * local_total)
+                for k, v in local.items():
+                    local_sum[k] = local_sum.get(k, 0.0) + share * v.detach()
+                loss = loss + share * local_total.detach()
             surrogate.backward()
     _set_rng_state(after_rng, device)
-    return loss.detach(), {k: v.detach() for k, v in terms.items()}, out
+    return loss.detach(), {**{k: v.detach() for k, v in terms.items()}, **local_sum}, out

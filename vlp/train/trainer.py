@@ -58,8 +58,9 @@ class Trainer:
         # with cached trunk features only the heads run in a step; they share the model's parameters
         self.train_module = CachedHeads(self.model) if self.cached else self.model
         self.ddp_model = backends.wrap_model(self.train_module, self.env)
-        self.objective = Objective(cfg.loss)
         self.total_steps = resolve_total_steps(cfg, self.env.world)
+        self.teacher, self.alpha_warmup = self._build_teacher()
+        self.objective = Objective(cfg.loss, teacher=self.teacher)
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
         fp16 = cfg.model.precision == "fp16"
@@ -82,11 +83,39 @@ class Trainer:
                 f"loss.contrastive.group_size={c.group_size} does not divide the world size {self.env.world}"
             )
 
+    def _build_teacher(self):
+        """ALBEF's momentum teacher (loss.distill), or (None, 0)."""
+        d = self.cfg.loss.distill
+        if not d.enabled:
+            return None, 0
+        from vlp.models.momentum import MomentumTeacher
+
+        global_batch = self.cfg.data.batch_size * self.env.world * self.cfg.train.accum_steps
+        teacher = MomentumTeacher(self.model, momentum=d.momentum, queue_size=d.queue_size).to(self.env.device)
+        try:
+            teacher.check_global_batch(global_batch)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        warmup = d.alpha_warmup_steps
+        if warmup < 0:  # one epoch
+            from vlp.train.data import samples_per_epoch
+
+            n = samples_per_epoch(self.cfg.data)
+            if not n:
+                raise ConfigError(
+                    "loss.distill.alpha_warmup_steps=-1 (one epoch) needs the epoch length: set "
+                    "data.samples_per_epoch, put sizes.json beside the shards, or give the steps"
+                )
+            warmup = max(1, round(n / global_batch))
+        return teacher, warmup
+
     def _use_feature_cache(self) -> bool:
         ok, why = cache_supported(self.model)
         trainable, total = trainable_count(self.model)
         if self.env.is_main and trainable < total:
             print(f"vlp: training {trainable:,} of {total:,} parameters (locked towers)", flush=True)
+        if ok and self.cfg.loss.distill.enabled:
+            ok, why = False, "momentum distillation runs the towers of its teacher"
         if self.cfg.model.cache_features == "off" or not ok:
             if self.cfg.model.cache_features == "auto" and trainable < total:
                 log.info("trunk features are not cached: %s", why)
@@ -161,6 +190,8 @@ class Trainer:
     def train_step(self, micro_batches) -> tuple[torch.Tensor, dict]:
         self.ddp_model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.teacher is not None:
+            micro_batches = self._with_teacher_features(micro_batches)
         loss, terms, _ = forward_backward(
             self.ddp_model,
             self.objective,
@@ -178,7 +209,26 @@ class Trainer:
         self.scheduler.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(self.cfg.train.logit_scale_max))
+        if self.teacher is not None:
+            self.teacher.update(self.model)
+            img = torch.cat([b["teacher_image_features"] for b in micro_batches])
+            txt = torch.cat([b["teacher_text_features"] for b in micro_batches])
+            self.teacher.enqueue(img, txt, group=self.env.group)
         return loss, terms
+
+    def _with_teacher_features(self, micro_batches: list[dict]) -> list[dict]:
+        """The teacher's features of every micro-batch (same images and tokens as the model's)."""
+        from vlp.models.momentum import alpha_at
+
+        d = self.cfg.loss.distill
+        self.objective.alpha = alpha_at(self.step, self.alpha_warmup, d.alpha)
+        out = []
+        for batch in micro_batches:
+            dev = self.env.device
+            with self._autocast():
+                img, txt = self.teacher.features(batch["image"].to(dev), batch["text"].to(dev))
+            out.append({**batch, "teacher_image_features": img.float(), "teacher_text_features": txt.float()})
+        return out
 
     def _autocast(self):
         p = self.cfg.model.precision
@@ -204,6 +254,8 @@ class Trainer:
             "samples_per_s": samples_per_s_rank * self.env.world,
             **{f"data/skipped/{k}": v for k, v in self.skipped.items()},
         }
+        if self.teacher is not None:
+            metrics["distill/alpha"] = self.objective.alpha
         if getattr(self.loader, "deferred_total", 0):  # cached features: repeats left out of epochs
             metrics["data/left_out_repeats"] = self.loader.deferred_total
         self.logger.log(self.step, metrics)
@@ -251,6 +303,8 @@ class Trainer:
             "world": self.env.world,
             "validation": self.validator.state_dict(),
         }
+        if self.teacher is not None:
+            state["teacher"] = self.teacher.state_dict()
         self.last_checkpoint = self.checkpointer.save(self.step, state)
         backends.barrier(self.env)
         return self.last_checkpoint
@@ -273,6 +327,10 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.validator.load_state_dict(state.get("validation"))
+        if self.teacher is not None:
+            if "teacher" not in state:
+                raise CheckpointError(f"{path}: has no momentum teacher (trained without loss.distill.enabled)")
+            self.teacher.load_state_dict(state["teacher"])
         if state.get("world") == self.env.world:
             _set_rng_states(state["rng"][self.env.rank], self.env.device)
         log.info("resumed from %s at step %d", path, self.step)

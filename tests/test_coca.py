@@ -1,0 +1,90 @@
+"""CoCa: the architecture by name, open_clip CoCa checkpoints, the captioning term of the objective
+and training through the real Trainer."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO
+
+import vlp
+from vlp.config import LossConfig, load_config
+from vlp.losses import Objective
+from vlp.losses.objective import caption_loss
+from vlp.models.registry import build_model
+from vlp.train.logging import read_metrics
+
+
+def test_coca_architectures_build_by_name():
+    model, _, _ = build_model("coca_debug")
+    assert isinstance(model, open_clip.CoCa)
+    out = model(torch.randn(2, 3, 64, 64), torch.randint(1, 49000, (2, 32)))
+    assert out["logits"].shape == (2, 31, 49408) and out["labels"].shape == (2, 31)
+    assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert "coca_ViT-B-32" in vlp.models.registry.list_models()
+
+
+def test_caption_loss_ignores_padding():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=g)
+    labels = torch.tensor([[3, 4, 2, 0, 0], [5, 1, 0, 0, 0]])
+    keep = labels != 0
+    want = F.cross_entropy(logits[keep], labels[keep])
+    assert caption_loss(logits, labels) == pytest.approx(want.item(), abs=1e-6)
+    noisy = logits.clone()
+    noisy[~keep] = 1e3 * torch.randn(int((~keep).sum()), 11, generator=g)  # whatever is predicted at padding
+    assert caption_loss(noisy, labels) == pytest.approx(want.item(), abs=1e-6)
+    with pytest.raises(ValueError, match="every label token is padding"):
+        caption_loss(logits, torch.zeros_like(labels))
+
+
+def test_objective_weights_contrastive_and_caption_terms():
+    model, _, tok = vlp.load_model("coca_debug")
+    out = model(torch.randn(3, 3, 64, 64), tok(["two red circles", "a blue star", "three green squares"]))
+    total, terms = Objective(LossConfig(caption_weight=2.0))(out)
+    assert set(terms) == {"contrastive", "caption"}
+    assert total.item() == pytest.approx(terms["contrastive"].item() + 2 * terms["caption"].item(), rel=1e-6)
+    total0, terms0 = Objective(LossConfig(caption_weight=0.0))(out)
+    assert set(terms0) == {"contrastive"} and total0.item() == pytest.approx(terms["contrastive"].item())
+
+
+@pytest.mark.parametrize("wrap", [True, False])
+def test_open_clip_coca_checkpoint_loads(tmp_path, wrap):
+    model, _, _ = build_model("coca_debug")
+    sd = {f"module.{k}": v for k, v in model.state_dict().items()}
+    path = tmp_path / "coca.pt"
+    torch.save({"state_dict": sd, "epoch": 1} if wrap else sd, path)
+    loaded, _, tok = vlp.load_model(str(path), model_name="coca_debug")
+    model.eval()
+    x, t = torch.randn(2, 3, 64, 64), tok(["a red star", "two blue crosses"])
+    with torch.no_grad():
+        assert torch.allclose(loaded(x, t)["logits"], model(x, t)["logits"], atol=1e-5)
+
+
+def test_coca_trains_through_the_trainer_and_caption_loss_falls(shapes_shards, tmp_path):
+    from vlp.train.trainer import Trainer
+
+    cfg = load_config(
+        REPO / "configs" / "demo_coca.yaml",
+        [
+            f"data.train_shards=['{shapes_shards['train']}']",
+            "data.val_shards=[]",
+            "eval.data=[]",
+            "eval.tasks=[]",
+            "data.workers=0",
+            "data.batch_size=16",
+            f"train.output_dir={tmp_path}",
+            "train.steps=30",
+            "train.warmup_steps=3",
+            "train.lr=3e-3",
+            "train.log_every=1",
+            "train.checkpoint_every=0",
+        ],
+    )
+    summary = Trainer(cfg).train()
+    caption = [r["loss/caption"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss/caption" in r]
+    assert len(caption) == 30 and sum(caption[-5:]) / 5 < 0.7 * sum(caption[:5]) / 5, caption
+    loaded, _, _ = vlp.load_model(summary["checkpoint"])
+    assert isinstance(loaded, open_clip.CoCa)
