@@ -78,6 +78,11 @@ class ModelConfig:
     embed_dim: int = _f(0, "Joint embedding width (0 = the architecture's; required for `custom`).")
     vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    itm_head: bool = _f(
+        False,
+        "CoCa only: an image-text matching head on the multimodal decoder, trained on in-batch hard "
+        "negatives (loss.itm_weight).",
+    )
     cache_features: Literal["auto", "off"] = _f(
         "auto",
         "`auto`: when both towers are fully locked, encode the training set once and train the heads on the "
@@ -154,6 +159,7 @@ class LossConfig:
     caption_weight: float = _f(
         2.0, "Weight of the captioning cross-entropy of CoCa models (teacher forcing, padding ignored; 0 = off)."
     )
+    itm_weight: float = _f(1.0, "Weight of the image-text matching loss of a model with `model.itm_head`.")
     distill: DistillConfig = field(default_factory=DistillConfig)
     align_weight: float = _f(0.0, "Weight of the alignment regulariser mean ||x_i - y_i||^2 (0 = off).")
     uniform_weight: float = _f(0.0, "Weight of the uniformity regulariser on both towers (0 = off).")
@@ -266,6 +272,7 @@ class Config:
         dl = self.loss.distill
         checks += [
             ("loss.caption_weight", self.loss.caption_weight >= 0, "must be >= 0"),
+            ("loss.itm_weight", self.loss.itm_weight >= 0, "must be >= 0"),
             ("loss.distill.momentum", 0 <= dl.momentum < 1, "must be in [0, 1)"),
             ("loss.distill.queue_size", dl.queue_size >= 0, "must be >= 0"),
             ("loss.distill.alpha", 0 <= dl.alpha <= 1, "must be in [0, 1]"),

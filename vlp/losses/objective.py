@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from vlp.losses.contrastive import clip_loss
 from vlp.losses.regularizers import alignment_loss, uniformity_loss
 from vlp.losses.siglip import siglip_loss
+from vlp.models.itm import itm_loss
 
 
 class Objective:
@@ -22,11 +23,12 @@ class Objective:
       the cached features of every micro-batch (:meth:`global_terms`);
     - **local** terms (CoCa's captioning cross-entropy) are means over one micro-batch's tokens
       and accumulate per micro-batch, weighted by its share of the tokens (:meth:`local_terms`,
-      :meth:`local_weight`), so the sum is the mean over all tokens of the step. Across ranks it
+      :meth:`local_weights`), so the sum is the mean over all tokens of the step. Across ranks it
       is the mean of the ranks' token means (DDP averages their gradients).
     """
 
-    LOCAL_KEYS = ("logits", "labels")  # outputs only local terms read: not cached across micro-batches
+    # outputs only local terms read: never cached across micro-batches (caption logits are B x L x V)
+    LOCAL_KEYS = ("logits", "labels", "itm_logits", "itm_labels")
 
     def __init__(self, loss_cfg, teacher=None):
         self.cfg, self.teacher = loss_cfg, teacher
@@ -34,8 +36,9 @@ class Objective:
 
     def __call__(self, out: dict, group=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, terms = self.global_terms(out, group)
-        local_total, local = self.local_terms(out)
-        return total + local_total, {**terms, **local}
+        for name, (value, weight) in self.local_terms(out).items():
+            total, terms[name] = total + weight * value, value
+        return total, terms
 
     def global_terms(self, out: dict, group=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         terms, weights = {"contrastive": self._contrastive(out, group)}, {"contrastive": self.cfg.contrastive.weight}
@@ -49,20 +52,25 @@ class Objective:
         total = sum(weights[k] * v for k, v in terms.items())
         return total, terms
 
-    def local_terms(self, out: dict) -> tuple[torch.Tensor | float, dict[str, torch.Tensor]]:
-        """CoCa's captioning loss of this micro-batch (0 and no term for models without ``logits``)."""
-        if out.get("logits") is None or not self.cfg.caption_weight:
-            return 0.0, {}
-        cap = caption_loss(out["logits"], out["labels"])
-        return self.cfg.caption_weight * cap, {"caption": cap}
+    def local_terms(self, out: dict) -> dict[str, tuple[torch.Tensor, float]]:
+        """``{name: (value, weight)}`` of this micro-batch: CoCa's captioning loss (for models with
+        ``logits``) and the image-text matching loss (models with an ITM head, in training)."""
+        terms = {}
+        if out.get("logits") is not None and self.cfg.caption_weight:
+            terms["caption"] = (caption_loss(out["logits"], out["labels"]), self.cfg.caption_weight)
+        if out.get("itm_logits") is not None and self.cfg.itm_weight:
+            terms["itm"] = (itm_loss(out["itm_logits"], out["itm_labels"]), self.cfg.itm_weight)
+        return terms
 
-    def local_weight(self, out: dict) -> float:
-        """How many items the local terms of ``out`` average over (label tokens), so that
-        micro-batches combine into the mean over all of them."""
-        labels = out.get("labels")
-        if labels is None:
-            return float(out["image_features"].shape[0])
-        return float((labels != PAD_ID).sum())
+    def local_weights(self, out: dict) -> dict[str, float]:
+        """How many items each local term of ``out`` averages over (caption: label tokens; ITM:
+        pairs), so that micro-batches combine into the mean over all of them."""
+        weights = {}
+        if out.get("labels") is not None:
+            weights["caption"] = float((out["labels"] != PAD_ID).sum())
+        if out.get("itm_labels") is not None:
+            weights["itm"] = float(out["itm_labels"].numel())
+        return weights
 
     def _contrastive(self, out: dict, group) -> torch.Tensor:
         c, img, txt = self.cfg.contrastive, out["image_features"], out["text_features"]

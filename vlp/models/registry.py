@@ -114,6 +114,10 @@ def build_model(name, *, pretrained: str = "", device: str | torch.device = "cpu
     finally:
         root.setLevel(level)
     model = normalized_by_default(model)
+    if mcfg is not None and mcfg.itm_head:
+        from vlp.models.itm import add_itm_head
+
+        add_itm_head(model)
     if pretrained:
         from vlp.models.loading import load_weights
 

@@ -67,13 +67,13 @@ def forward_backward(model, objective, micro_batches, *, device, autocast, scale
 
 def _cached_accumulation(model, objective, micro_batches, device, autocast, scaler, group):
     local_keys = getattr(objective, "LOCAL_KEYS", ())
-    local_weight = getattr(objective, "local_weight", lambda out: 1.0)
+    local_weights = getattr(objective, "local_weights", lambda out: {})
     rng, cached, weights = [], [], []
     with torch.no_grad():
         for batch in micro_batches:
             rng.append(_rng_state(device))
             out = _forward(model, batch, device, autocast)
-            weights.append(local_weight(out))
+            weights.append(local_weights(out))
             cached.append({k: v for k, v in out.items() if k not in local_keys})  # caption logits: B x L x V
     after_rng = _rng_state(device)
     keys = [k for k, v in cached[0].items() if torch.is_tensor(v) and v.is_floating_point()]
@@ -101,13 +101,13 @@ def _cached_accumulation(model, objective, micro_batches, device, autocast, scal
                 if k not in split:
                     # a shared output's gradient goes in once, on the last (synchronised) pass
                     surrogate = surrogate + (out[k] * (g if last else torch.zeros_like(g))).sum()
-            share = weights[i] / sum(weights)  # a local term is a mean over all micro-batches' tokens
-            local_total, local = objective.local_terms(out) if hasattr(objective, "local_terms") else (0.0, {})
-            if local:
-                surrogate = surrogate + scaler.scale(share * local_total)
-                for k, v in local.items():
-                    local_sum[k] = local_sum.get(k, 0.0) + share * v.detach()
-                loss = loss + share * local_total.detach()
+            local = objective.local_terms(out) if hasattr(objective, "local_terms") else {}
+            for name, (value, weight) in local.items():
+                # a local term is a mean over its items (tokens, pairs) of all micro-batches together
+                share = weights[i][name] / sum(w[name] for w in weights)
+                surrogate = surrogate + scaler.scale(weight * share * value)
+                local_sum[name] = local_sum.get(name, 0.0) + share * value.detach()
+                loss = loss + weight * share * value.detach()
             surrogate.backward()
     _set_rng_state(after_rng, device)
     return loss.detach(), {**{k: v.detach() for k, v in terms.items()}, **local_sum}, out
