@@ -88,3 +88,13 @@ def test_coca_trains_through_the_trainer_and_caption_loss_falls(shapes_shards, t
     assert len(caption) == 30 and sum(caption[-5:]) / 5 < 0.7 * sum(caption[:5]) / 5, caption
     loaded, _, _ = vlp.load_model(summary["checkpoint"])
     assert isinstance(loaded, open_clip.CoCa)
+
+
+def test_the_decoder_is_initialised_and_deterministic():
+    """open_clip leaves CoCa's vocabulary projection as torch.empty; vlp initialises it (seeded)."""
+    torch.manual_seed(3)
+    a = build_model("coca_debug")[0].text_decoder.text_projection.detach().clone()
+    torch.manual_seed(3)
+    b = build_model("coca_debug")[0].text_decoder.text_projection.detach()
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+    assert a.std().item() == pytest.approx(64**-0.5, rel=0.05)

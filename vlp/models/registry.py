@@ -114,6 +114,8 @@ def build_model(name, *, pretrained: str = "", device: str | torch.device = "cpu
     finally:
         root.setLevel(level)
     model = normalized_by_default(model)
+    if hasattr(model, "text_decoder"):
+        init_multimodal_decoder(model.text_decoder)
     if mcfg is not None and mcfg.itm_head:
         from vlp.models.itm import add_itm_head
 
@@ -126,6 +128,27 @@ def build_model(name, *, pretrained: str = "", device: str | torch.device = "cpu
     mean = tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
     return model, mean, std
+
+
+def init_multimodal_decoder(decoder: torch.nn.Module) -> None:
+    """CLIP's initialisation for a CoCa multimodal decoder, as open_clip intends it.
+
+    open_clip 3.3's ``MultimodalTransformer`` never calls its ``init_parameters`` (which would fail:
+    it reads ``self.transformer.width`` of a module that is itself the transformer), so its output
+    projection to the vocabulary stays ``torch.empty``: whatever was in memory, different from run
+    to run and sometimes huge (caption losses of 1e30 were seen here). vlp initialises it and the
+    attention and MLP weights of both block stacks with CLIP's standard deviations.
+    """
+    width, layers = decoder.width, decoder.layers
+    proj_std, attn_std, fc_std = (width**-0.5) * ((2 * layers) ** -0.5), width**-0.5, (2 * width) ** -0.5
+    with torch.no_grad():
+        for block in [*decoder.resblocks, *decoder.cross_attn]:
+            torch.nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            torch.nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            torch.nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            torch.nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        if decoder.text_projection is not None:
+            torch.nn.init.normal_(decoder.text_projection, std=width**-0.5)
 
 
 def image_size(model: torch.nn.Module) -> int:
