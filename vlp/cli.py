@@ -35,6 +35,11 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", help="output folder (default: runs/demo, with --real runs/lit)")
     p.add_argument("--steps", type=int, help="training steps (default: configs/demo.yaml)")
     p.add_argument(
+        "--config",
+        help="another shapes config: configs/demo_coca.yaml (CoCa; reports caption accuracy), "
+        "configs/demo_albef.yaml (momentum distillation); default configs/demo.yaml",
+    )
+    p.add_argument(
         "--real",
         action="store_true",
         help="locked-image tuning of pretrained towers on OpenClipart, evaluated on held-out clip art and "
@@ -93,7 +98,8 @@ def _add_eval(sub) -> None:
         "--task",
         action="append",
         required=True,
-        help="zeroshot_classification | zeroshot_retrieval | compositional | counting | linear_probe (repeatable)",
+        help="zeroshot_classification | zeroshot_retrieval | compositional | counting | linear_probe | captioning "
+        "(CoCa models; needs pycocoevalcap) (repeatable)",
     )
     p.add_argument(
         "--data", action="append", required=True, help="data of each --task, in order (one --data serves every task)"
@@ -110,6 +116,25 @@ def _add_eval(sub) -> None:
     p.add_argument("--device", default="auto")
 
 
+def _add_caption(sub) -> None:
+    p = sub.add_parser("caption", help="caption images with a CoCa model: prints path<TAB>caption, writes JSON")
+    p.add_argument("--checkpoint", default="", help="vlp checkpoint, or open_clip file / safetensors with --model")
+    p.add_argument("--model", help="architecture (needed for open_clip files; alone: random init)")
+    p.add_argument("--images", required=True, help="a folder (its image files, recursively) or a glob pattern")
+    p.add_argument("--strategy", choices=("greedy", "beam", "sample"), default="beam")
+    p.add_argument("--max-len", type=_positive_int, default=30, help="tokens after start-of-text, end-of-text included")
+    p.add_argument("--min-len", type=int, default=2, help="end-of-text allowed from this many new tokens on")
+    p.add_argument("--num-beams", type=_positive_int, default=4)
+    p.add_argument("--top-k", type=int, default=0, help="sample: keep the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample: nucleus probability mass (1: all)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sample: logits are divided by it")
+    p.add_argument("--seed", type=int, default=0, help="sample: random seed")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="image loading workers")
+    p.add_argument("--output", default="captions.json", help='JSON list of {"image", "caption"}')
+    p.add_argument("--device", default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlp", description="vision-language pretraining")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -118,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_shards(sub)
     _add_eval(sub)
+    _add_caption(sub)
     return parser
 
 
@@ -138,6 +164,8 @@ def cmd_train(args) -> int:
 
 def cmd_demo(args) -> int:
     if args.real:
+        if args.config:
+            raise ConfigError("--real runs configs/lit_openclipart.yaml; change it with --set KEY=VALUE, not --config")
         from vlp.demo_real import run_real_demo
 
         steps = [f"train.steps={args.steps}"] if args.steps is not None else []
@@ -145,9 +173,9 @@ def cmd_demo(args) -> int:
         return 0
     if args.quick:
         raise ConfigError("--quick goes with --real")
-    from vlp.demo import run_demo
+    from vlp.demo import DEMO_CONFIG, run_demo
 
-    run_demo(args.out or "runs/demo", steps=args.steps, overrides=args.overrides)
+    run_demo(args.out or "runs/demo", steps=args.steps, overrides=args.overrides, config=args.config or DEMO_CONFIG)
     return 0
 
 
@@ -234,15 +262,26 @@ def cmd_eval(args) -> int:
     return run_eval_command(args)
 
 
+def cmd_caption(args) -> int:
+    from vlp.caption import run_caption_command
+
+    return run_caption_command(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # other libraries log chatty INFO lines on the root logger; vlp's own INFO lines stay visible
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("vlp").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    handlers = {"train": cmd_train, "demo": cmd_demo, "shards": cmd_shards, "eval": cmd_eval}
+    handlers = {"train": cmd_train, "demo": cmd_demo, "shards": cmd_shards, "eval": cmd_eval, "caption": cmd_caption}
     try:
         return handlers[args.command](args)
     except (ConfigError, FileNotFoundError) as e:
+        print(f"vlp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        if type(e).__name__ != "MissingDependencyError":  # an optional package; the message says what to install
+            raise
         print(f"vlp {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:
@@ -254,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             "UnknownModelError",
             "EvalDataError",
             "UnknownTaskError",
+            "GenerationError",
         )
         if type(e).__name__ in known:
             print(f"vlp {args.command}: error: {e}", file=sys.stderr)

@@ -425,10 +425,19 @@ def load_counting(path: str | os.PathLike) -> EvalData:
     return _collect(path, path.stem, rows())
 
 
+def load_captioning(path: PathSpec) -> EvalData:
+    """Reference captions per image: the :func:`load_retrieval` layouts, one row per image.
+    JSONL ``{"image": path, "captions": [str, ...]}`` (or ``"caption": str``), images relative to
+    the file's folder; or shards with ``txt`` or a json ``captions`` list. The same rows are
+    skipped and counted and the same errors raised as for retrieval.
+    """
+    return load_retrieval(path)
+
+
 # task name -> loader (retrieval is an alias of zeroshot_retrieval)
 LOADERS = {"zeroshot_classification": load_classification, "zeroshot_retrieval": load_retrieval}
 LOADERS |= {"retrieval": load_retrieval, "compositional": load_compositional, "counting": load_counting}
-LOADERS["linear_probe"] = load_linear_probe
+LOADERS |= {"linear_probe": load_linear_probe, "captioning": load_captioning}
 
 
 def load_eval_data(task: str, path: PathSpec, **kwargs) -> EvalData:

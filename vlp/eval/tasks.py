@@ -71,6 +71,16 @@ def _images(model, data, ctx):
     return feats, kept
 
 
+@register("captioning")
+def captioning(model, tokenizer, data, ctx: EvalContext) -> dict:
+    """Beam-search captions (CoCa models only) scored with COCO's corpus BLEU-4 and CIDEr-D."""
+    from vlp.eval.captioning import evaluate_captioning
+
+    return evaluate_captioning(
+        model, tokenizer, data, ctx.preprocess, ctx.env, batch_size=ctx.batch_size, workers=ctx.workers
+    )
+
+
 @register("zeroshot_classification")
 def zeroshot_classification(model, tokenizer, data, ctx: EvalContext) -> dict:
     """acc1, acc5, mean_per_class_recall with CLIP_benchmark's definitions."""
