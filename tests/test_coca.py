@@ -98,3 +98,21 @@ def test_the_decoder_is_initialised_and_deterministic():
     b = build_model("coca_debug")[0].text_decoder.text_projection.detach()
     assert torch.equal(a, b) and torch.isfinite(a).all()
     assert a.std().item() == pytest.approx(64**-0.5, rel=0.05)
+
+
+def test_vlp_forward_cuts_padding_columns_and_keeps_the_loss():
+    """vlp's CoCa forward runs the decoder only up to the longest caption: the same logits there as
+    open_clip's forward over the whole context, and the same captioning loss."""
+    model, _, tok = vlp.load_model("coca_debug")
+    x, t = torch.randn(3, 3, 64, 64), tok(["a red star", "two big blue squares and a cross", "x"])
+    with torch.no_grad():
+        ours = model(x, t)
+        theirs = open_clip.CoCa.forward(model, x, t)
+    n = int((t != 0).sum(1).max()) - 1
+    assert ours["logits"].shape == (3, n, 49408) and theirs["logits"].shape == (3, 31, 49408)
+    assert torch.allclose(ours["logits"], theirs["logits"][:, :n], atol=1e-5)
+    assert torch.equal(ours["labels"], theirs["labels"][:, :n]) and not theirs["labels"][:, n:].any()
+    assert caption_loss(ours["logits"], ours["labels"]).item() == pytest.approx(
+        caption_loss(theirs["logits"], theirs["labels"]).item(), abs=1e-5
+    )
+    assert torch.allclose(ours["image_features"], theirs["image_features"])

@@ -89,43 +89,11 @@ def itm_loss(logits_N2: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits_N2.float() if logits_N2.dtype != torch.float64 else logits_N2, labels_N)
 
 
-class _WithITM:
-    """Mixin for an open_clip CoCa instance with an ``itm_head``: in training mode, ``forward``
-    adds ``itm_logits`` / ``itm_labels`` to CoCa's outputs (which are otherwise unchanged)."""
-
-    def forward(self, image, text=None, image_latent=None, image_embs=None, output_labels=True):
-        if not self.training or text is None or not output_labels or image_latent is not None:
-            return super().forward(image, text, image_latent, image_embs, output_labels)
-        # CoCa.forward, keeping the token embeddings the matching pairs need
-        image_latent, image_embs = self._encode_image(image)
-        text_latent, token_embs = self._encode_text(text)
-        logits = self.text_decoder(image_embs, token_embs[:, :-1])
-        out = {
-            "image_features": image_latent,
-            "text_features": text_latent,
-            "logits": logits,
-            "labels": text[:, 1:],
-            "logit_scale": self.logit_scale.exp(),
-        }
-        if self.logit_bias is not None:
-            out["logit_bias"] = self.logit_bias
-        out.update(itm_outputs(self, image_latent, text_latent, image_embs, token_embs, text))
-        return out
-
-
-_ITM_CLASSES: dict[type, type] = {}
-
-
 def add_itm_head(model: torch.nn.Module) -> torch.nn.Module:
-    """Give a CoCa model a matching head (``itm_head``, a Linear(W, 2)) and the ITM forward; the
-    rest of its module tree and state dict stay open_clip's. Raises ValueError for other models."""
+    """Give a CoCa model a matching head (``itm_head``, a Linear(W, 2)); in training, vlp's CoCa
+    forward (:mod:`vlp.models.coca`) then adds the matching pairs. Raises ValueError for other models."""
     decoder = getattr(model, "text_decoder", None)
     if decoder is None:
         raise ValueError("model.itm_head needs a CoCa architecture (a multimodal text decoder), e.g. coca_debug")
-    width = decoder.ln_final.normalized_shape[0]
-    model.itm_head = torch.nn.Linear(width, 2)
-    cls = type(model)
-    if cls not in _ITM_CLASSES:
-        _ITM_CLASSES[cls] = type(cls.__name__, (_WithITM, cls), {})
-    model.__class__ = _ITM_CLASSES[cls]
+    model.itm_head = torch.nn.Linear(decoder.ln_final.normalized_shape[0], 2)
     return model

@@ -115,7 +115,10 @@ def build_model(name, *, pretrained: str = "", device: str | torch.device = "cpu
         root.setLevel(level)
     model = normalized_by_default(model)
     if hasattr(model, "text_decoder"):
+        from vlp.models.coca import vlp_coca_forward
+
         init_multimodal_decoder(model.text_decoder)
+        vlp_coca_forward(model)
     if mcfg is not None and mcfg.itm_head:
         from vlp.models.itm import add_itm_head
 
