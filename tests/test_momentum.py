@@ -432,3 +432,29 @@ def test_trainer_distills_saves_the_teacher_and_resumes_it_exactly(shapes_shards
     assert all(b[s] == pytest.approx(a[s], abs=1e-5) for s in (4, 5, 6)), (a, b)
     with pytest.raises(ConfigError, match="multiple of the global batch 24"):
         Trainer(_albef_config(shapes_shards, tmp_path / "bad", "data.batch_size=24"))
+
+
+@pytest.mark.slow
+def test_distillation_under_torchrun_two_processes(shapes_shards, tmp_path):
+    """DDP: each rank's teacher features feed the loss and one shared queue (all-gathered)."""
+    import os
+    import subprocess
+
+    from tests.conftest import REPO
+    from tests.distributed import torchrun_cmd
+    from vlp.train.logging import read_metrics
+
+    out = tmp_path / "ddp"
+    sets = [
+        f"data.train_shards=['{shapes_shards['train']}']", "data.val_shards=[]", "eval.data=[]", "eval.tasks=[]",
+        "data.workers=1", "data.batch_size=8", "loss.distill.queue_size=64", "loss.distill.alpha_warmup_steps=2",
+        f"train.output_dir={out}", "train.steps=4", "train.log_every=1", "train.checkpoint_every=0",
+    ]  # fmt: skip
+    cmd = torchrun_cmd("vlp.train", ["--config", "configs/demo_albef.yaml", *[a for s in sets for a in ("--set", s)]])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [r["distill/alpha"] for r in records] == pytest.approx([0.0, 0.2, 0.4, 0.4])
+    state = torch.load(out / "checkpoints" / "step_00000004.pt", weights_only=True)
+    assert state["world"] == 2 and int(state["teacher"]["filled"]) == 4 * 16  # both ranks' 8 per step

@@ -199,3 +199,17 @@ def test_group_size_must_divide_world_size_at_start(tmp_path):
     with pytest.raises(ConfigError, match="group_size=3 does not divide the world size 2"):
         Trainer(cfg, env=DistEnv(rank=0, world=2))
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_coca_demo_reports_caption_accuracy(tmp_path):
+    """`vlp demo --config configs/demo_coca.yaml`, a few steps: the report has the caption metrics."""
+    out = tmp_path / "coca"
+    sets = ["--set", "train.eval_every=0", "--set", "train.checkpoint_every=0", "--set", "data.batch_size=32"]
+    proc = run_cli("demo", "--config", "configs/demo_coca.yaml", "--out", out, "--steps", "20", *sets)
+    report = json.loads((out / "report.json").read_text())
+    for key in ("caption_names_shape", "caption_names_colour", "caption_names_both"):
+        assert 0 <= report[key] <= 1, (key, report)
+    assert report["caption_shape_chance"] == pytest.approx(1 / 6) and report["caption_num_images"] == 500
+    rows = json.loads((out / "captions.json").read_text())
+    assert len(rows) == 500 and {"colour", "shape", "caption"} <= set(rows[0])
+    assert "caption: shape" in proc.stdout
