@@ -458,3 +458,15 @@ def test_distillation_under_torchrun_two_processes(shapes_shards, tmp_path):
     assert [r["distill/alpha"] for r in records] == pytest.approx([0.0, 0.2, 0.4, 0.4])
     state = torch.load(out / "checkpoints" / "step_00000004.pt", weights_only=True)
     assert state["world"] == 2 and int(state["teacher"]["filled"]) == 4 * 16  # both ranks' 8 per step
+
+
+def test_coca_trains_with_distillation_and_captioning(shapes_shards, tmp_path):
+    from vlp.train.logging import read_metrics
+    from vlp.train.trainer import Trainer
+
+    Trainer(_albef_config(shapes_shards, tmp_path, "model.name=coca_debug", "train.steps=3")).train()
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert len(records) == 3 and all("loss/caption" in r and "loss/contrastive" in r for r in records)
+    assert records[-1]["distill/alpha"] == pytest.approx(0.2)
+    state = torch.load(tmp_path / "checkpoints" / "step_00000003.pt", weights_only=True)
+    assert "model.text_decoder.text_projection" in state["teacher"] and int(state["teacher"]["filled"]) == 24
