@@ -91,6 +91,17 @@ class ModelConfig:
 
 
 @dataclass
+class NegativesDataConfig:
+    k: int = _f(0, "Hard-negative captions per sample in each batch (`text_neg`, B x K; 0 = none).")
+    field: str = _f("hard_negatives", "JSON field of the shards holding negatives (`vlp negatives` writes it).")
+    online: bool = _f(True, "Generate rule-based negatives on the fly for samples whose shards have fewer than k.")
+    types: list[str] = _f(
+        ["replace_object", "replace_attribute", "replace_relation", "swap_objects", "swap_attributes"],
+        "Negative types the online generator may use (see `vlp negatives --help`).",
+    )
+
+
+@dataclass
 class DataConfig:
     train_shards: list[str] = _f([], "Training shard patterns (brace-expanded, e.g. `d/shapes-{000000..000009}.tar`).")
     train_weights: list[float] = _f([], "Sampling weight of each `train_shards` entry (empty = equal).")
@@ -117,6 +128,13 @@ class DataConfig:
         False, "Keep equal captions (ignoring case and spacing) out of the same per-rank training batch."
     )
 
+    negatives: NegativesDataConfig = field(default_factory=NegativesDataConfig)
+    counterfactuals: bool = _f(
+        False,
+        "Attach a counting counterfactual to every sample whose caption has exactly one count in 2..10 "
+        "(the same caption with another count; vlp.data.counting) for the counting loss.",
+    )
+
 
 @dataclass
 class ContrastiveConfig:
@@ -136,6 +154,20 @@ class ContrastiveConfig:
     own_negatives: bool = _f(
         False, "Hard negatives only against their own image (default: every image sees every negative)."
     )
+
+
+@dataclass
+class HardNegativesLossConfig:
+    columns: bool = _f(True, "NegCLIP: the batch's hard negatives are extra image->text contrastive columns.")
+    image_grounded_weight: float = _f(
+        0.0, "DeGLA image-grounded contrast: each image against its caption and its own K negatives (0 = off)."
+    )
+    text_grounded_weight: float = _f(
+        0.0,
+        "DeGLA text-grounded contrast: each caption against the EMA teacher's embedding of it and its own K "
+        "negatives (needs the momentum teacher: loss.distill.momentum; 0 = off).",
+    )
+    text_grounded_scale: float = _f(10.0, "Fixed logit scale of the text-grounded contrast (DeGLA: 10).")
 
 
 @dataclass
@@ -160,6 +192,10 @@ class LossConfig:
         2.0, "Weight of the captioning cross-entropy of CoCa models (teacher forcing, padding ignored; 0 = off)."
     )
     itm_weight: float = _f(1.0, "Weight of the image-text matching loss of a model with `model.itm_head`.")
+    counting_weight: float = _f(
+        1.0, "Weight lambda of the counting loss on samples with a counterfactual (data.counterfactuals)."
+    )
+    negatives: HardNegativesLossConfig = field(default_factory=HardNegativesLossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     align_weight: float = _f(0.0, "Weight of the alignment regulariser mean ||x_i - y_i||^2 (0 = off).")
     uniform_weight: float = _f(0.0, "Weight of the uniformity regulariser on both towers (0 = off).")
@@ -273,6 +309,10 @@ class Config:
         checks += [
             ("loss.caption_weight", self.loss.caption_weight >= 0, "must be >= 0"),
             ("loss.itm_weight", self.loss.itm_weight >= 0, "must be >= 0"),
+            ("loss.counting_weight", self.loss.counting_weight >= 0, "must be >= 0"),
+            ("data.negatives.k", self.data.negatives.k >= 0, "must be >= 0"),
+            ("loss.negatives.image_grounded_weight", self.loss.negatives.image_grounded_weight >= 0, "must be >= 0"),
+            ("loss.negatives.text_grounded_weight", self.loss.negatives.text_grounded_weight >= 0, "must be >= 0"),
             ("loss.distill.momentum", 0 <= dl.momentum < 1, "must be in [0, 1)"),
             ("loss.distill.queue_size", dl.queue_size >= 0, "must be >= 0"),
             ("loss.distill.alpha", 0 <= dl.alpha <= 1, "must be in [0, 1]"),

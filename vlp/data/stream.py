@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlp.data.decode import DecodeOptions, SkipCounter, caption_variant, decode_sample
+from vlp.data.extra_captions import ExtraCaptionSpec, extra_caption_tensors
 from vlp.data.shardlists import reader_shards
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class StreamSpec:
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     caption_variants_key: str = ""  # json field of alternative captions, one drawn per epoch ("" = off)
     unique_captions: bool = False  # no two equal captions in one batch (see _UniqueBatcher)
+    extras: ExtraCaptionSpec = field(default_factory=ExtraCaptionSpec)  # hard negatives, counterfactuals
 
 
 def _truncated(url: str) -> bool:
@@ -292,7 +294,7 @@ class ShardStream(IterableDataset):
         if sample is None:
             return None
         sample["_epoch"], sample["_origin"] = origin[1], tuple(origin)
-        own = sample["text"]
+        own = sample["_own"] = sample["text"]
         if self.spec.caption_variants_key:
             key, seed = sample["__key__"], self.spec.seed
             variant = caption_variant(sample["json"], self.spec.caption_variants_key, seed, key, origin[1])
@@ -332,7 +334,12 @@ class ShardStream(IterableDataset):
     def _collate(self, samples, slot, state, skipped) -> dict:
         captions = [s["text"] for s in samples]
         images = torch.stack([s["image"] for s in samples]) if samples else torch.empty(0)
+        extras = self.spec.extras
+        extra = extra_caption_tensors(samples, self.tokenizer, extras) if extras.active else {}
+        if extras.sources:
+            extra["_neg_sources"], extras.sources = dict(extras.sources), type(extras.sources)()
         return {
+            **extra,
             "image": images,
             "text": self.tokenizer(captions) if samples else torch.empty(0, dtype=torch.long),
             "caption": captions,
@@ -358,6 +365,7 @@ class StreamLoader:
         self.slots: dict[int, dict] = {}
         self.next_slot = 0
         self.skipped: Counter = Counter()
+        self.negative_sources: Counter = Counter()  # hard negatives by origin: shard, online, fallback
         if state:
             self._restore(state, nslots)
         self.dataset = ShardStream(spec, transform, tokenizer, dict(self.slots), self.next_slot)
@@ -397,6 +405,7 @@ class StreamLoader:
             self.slots[batch.pop("_slot")] = batch.pop("_state")
             self.next_slot = (self.next_slot + 1) % nslots
             self.skipped.update(batch.pop("_skipped"))
+            self.negative_sources.update(batch.pop("_neg_sources", {}))
             if len(batch["caption"]) == 0:
                 continue  # a reader's last message carried only skip counts
             yield batch

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from vlp.losses.contrastive import clip_loss
+from vlp.losses.hard_negatives import counting_loss, image_grounded_loss, text_grounded_loss
 from vlp.losses.regularizers import alignment_loss, uniformity_loss
 from vlp.losses.siglip import siglip_loss
 from vlp.models.itm import itm_loss
@@ -49,8 +50,31 @@ class Objective:
             t = self.cfg.uniform_t
             both = (uniformity_loss(img, t=t, group=group) + uniformity_loss(txt, t=t, group=group)) / 2
             terms["uniform"], weights["uniform"] = both, self.cfg.uniform_weight
+        for name, (value, weight) in self._generated_caption_terms(out, group).items():
+            terms[name], weights[name] = value, weight
         total = sum(weights[k] * v for k, v in terms.items())
         return total, terms
+
+    def _generated_caption_terms(self, out: dict, group) -> dict[str, tuple[torch.Tensor, float]]:
+        """DeGLA's grounded contrasts on hard negatives and the counting loss on counterfactuals."""
+        n, terms = self.cfg.negatives, {}
+        img, txt, neg, scale = (
+            out["image_features"],
+            out["text_features"],
+            out.get("neg_text_features"),
+            out["logit_scale"],
+        )
+        if neg is not None and n.image_grounded_weight:
+            terms["image_grounded"] = (image_grounded_loss(img, txt, neg, scale, group), n.image_grounded_weight)
+        if neg is not None and n.text_grounded_weight:
+            if "teacher_text_features" not in out:
+                raise ValueError("loss.negatives.text_grounded_weight needs the momentum teacher's text features")
+            tgc = text_grounded_loss(txt, out["teacher_text_features"], neg, n.text_grounded_scale, group)
+            terms["text_grounded"] = (tgc, n.text_grounded_weight)
+        if out.get("cf_text_features") is not None and self.cfg.counting_weight:
+            cnt = counting_loss(img, txt, out["cf_text_features"], out["has_cf"], scale, group)
+            terms["counting"] = (cnt, self.cfg.counting_weight)
+        return terms
 
     def local_terms(self, out: dict) -> dict[str, tuple[torch.Tensor, float]]:
         """``{name: (value, weight)}`` of this micro-batch: CoCa's captioning loss (for models with
@@ -74,7 +98,7 @@ class Objective:
 
     def _contrastive(self, out: dict, group) -> torch.Tensor:
         c, img, txt = self.cfg.contrastive, out["image_features"], out["text_features"]
-        neg = out.get("neg_text_features")
+        neg = out.get("neg_text_features") if self.cfg.negatives.columns else None
         if self.cfg.distill.enabled:
             if self.teacher is None or "teacher_image_features" not in out:
                 raise ValueError("loss.distill.enabled needs the momentum teacher's features in the outputs")

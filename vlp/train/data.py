@@ -6,6 +6,7 @@ import logging
 
 from vlp.data.decode import DecodeOptions
 from vlp.data.shardlists import DataConfigError, check_readers, expand_urls, read_sizes
+from vlp.data.extra_captions import ExtraCaptionSpec
 from vlp.data.stream import StreamLoader, StreamSpec
 from vlp.data.tokenizer import get_tokenizer
 from vlp.data.transforms import train_transform
@@ -61,6 +62,14 @@ def build_train_loader(cfg, model, mean, std, env, state=None) -> StreamLoader:
         decode=decode_options(d),
         caption_variants_key=d.caption_variants_key,
         unique_captions=d.unique_captions,
+        extras=ExtraCaptionSpec(
+            negatives_k=d.negatives.k,
+            negatives_field=d.negatives.field,
+            negatives_online=d.negatives.online,
+            negatives_types=tuple(d.negatives.types),
+            counterfactuals=d.counterfactuals,
+            seed=cfg.train.seed,
+        ),
     )
     transform = train_transform(image_size(model), mean, std, d.train_crop_scale)
     return StreamLoader(spec, transform, get_tokenizer(cfg.model), d.workers, state)

@@ -22,6 +22,8 @@ import contextlib
 
 import torch
 
+from vlp.models.extras import EXTRA_KEYS
+
 
 def _rng_state(device: torch.device):
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -39,8 +41,9 @@ CONSTANT_PREFIX = "teacher_"
 
 
 def _forward(model, batch, device, autocast):
+    extras = {k: batch[k].to(device, non_blocking=True) for k in EXTRA_KEYS if k in batch}
     with autocast():
-        out = model(batch["image"].to(device, non_blocking=True), batch["text"].to(device, non_blocking=True))
+        out = model(batch["image"].to(device, non_blocking=True), batch["text"].to(device, non_blocking=True), **extras)
     out.update({k: v.to(device) for k, v in batch.items() if k.startswith(CONSTANT_PREFIX)})
     # losses run in fp32 (or the model's own fp64) whatever the autocast dtype
     low = (torch.float16, torch.bfloat16)
@@ -76,6 +79,8 @@ def _cached_accumulation(model, objective, micro_batches, device, autocast, scal
             weights.append(local_weights(out))
             cached.append({k: v for k, v in out.items() if k not in local_keys})  # caption logits: B x L x V
     after_rng = _rng_state(device)
+    # per-sample masks (has_cf) travel with the features, without gradients
+    masks = [k for k, v in cached[0].items() if torch.is_tensor(v) and not v.is_floating_point() and v.ndim >= 1]
     keys = [k for k, v in cached[0].items() if torch.is_tensor(v) and v.is_floating_point()]
     # per-sample outputs (B x D features, B x K x D negatives) are concatenated; the scale and bias are shared
     batched = [k for k in keys if cached[0][k].ndim >= 2]
@@ -84,6 +89,7 @@ def _cached_accumulation(model, objective, micro_batches, device, autocast, scal
         # per-sample outputs are concatenated; shared ones (logit scale) are the same in every micro-batch
         value = torch.cat([c[k] for c in cached]) if k in batched else cached[0][k]
         leaves[k] = value.detach().requires_grad_(not k.startswith(CONSTANT_PREFIX))
+    leaves.update({k: torch.cat([c[k] for c in cached]) for k in masks})
     global_terms = getattr(objective, "global_terms", objective)
     loss, terms = global_terms(leaves, group)
     scaler.scale(loss).backward()

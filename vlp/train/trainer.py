@@ -19,6 +19,7 @@ from vlp.data.decode import SKIP_KINDS
 from vlp.data.tokenizer import get_tokenizer
 from vlp.data.transforms import eval_transform
 from vlp.losses import Objective
+from vlp.models.extras import ExtraTexts
 from vlp.models.loading import CHECKPOINT_FORMAT, CheckpointError, load_state_dict_checked
 from vlp.models.registry import build_model, image_size
 from vlp.models.towers import trainable_count
@@ -57,6 +58,8 @@ class Trainer:
         self.cached = self._use_feature_cache()
         # with cached trunk features only the heads run in a step; they share the model's parameters
         self.train_module = CachedHeads(self.model) if self.cached else self.model
+        if self._extra_captions():  # hard negatives / counterfactuals are encoded inside the forward
+            self.train_module = ExtraTexts(self.model)
         self.ddp_model = backends.wrap_model(self.train_module, self.env)
         self.total_steps = resolve_total_steps(cfg, self.env.world)
         self.teacher, self.alpha_warmup = self._build_teacher()
@@ -83,15 +86,21 @@ class Trainer:
                 f"loss.contrastive.group_size={c.group_size} does not divide the world size {self.env.world}"
             )
 
+    def _extra_captions(self) -> bool:
+        d = self.cfg.data
+        return bool(d.negatives.k or d.counterfactuals)
+
     def _build_teacher(self):
-        """ALBEF's momentum teacher (loss.distill), or (None, 0)."""
+        """The momentum teacher of ALBEF's distillation (loss.distill) or of DeGLA's text-grounded
+        contrast (loss.negatives.text_grounded_weight), or (None, 0)."""
         d = self.cfg.loss.distill
-        if not d.enabled:
+        if not (d.enabled or self.cfg.loss.negatives.text_grounded_weight):
             return None, 0
         from vlp.models.momentum import MomentumTeacher
 
         global_batch = self.cfg.data.batch_size * self.env.world * self.cfg.train.accum_steps
-        teacher = MomentumTeacher(self.model, momentum=d.momentum, queue_size=d.queue_size).to(self.env.device)
+        queue = d.queue_size if d.enabled else 0  # the text-grounded contrast uses no queue
+        teacher = MomentumTeacher(self.model, momentum=d.momentum, queue_size=queue).to(self.env.device)
         try:
             teacher.check_global_batch(global_batch)
         except ValueError as e:
@@ -116,6 +125,8 @@ class Trainer:
             print(f"vlp: training {trainable:,} of {total:,} parameters (locked towers)", flush=True)
         if ok and self.cfg.loss.distill.enabled:
             ok, why = False, "momentum distillation runs the towers of its teacher"
+        if ok and self._extra_captions():
+            ok, why = False, "hard negatives and counterfactuals are encoded by the text tower in every step"
         if self.cfg.model.cache_features == "off" or not ok:
             if self.cfg.model.cache_features == "auto" and trainable < total:
                 log.info("trunk features are not cached: %s", why)
@@ -254,8 +265,10 @@ class Trainer:
             "samples_per_s": samples_per_s_rank * self.env.world,
             **{f"data/skipped/{k}": v for k, v in self.skipped.items()},
         }
-        if self.teacher is not None:
+        if self.cfg.loss.distill.enabled:
             metrics["distill/alpha"] = self.objective.alpha
+        for source, n in getattr(self.loader, "negative_sources", {}).items():
+            metrics[f"data/negatives/{source}"] = n
         if getattr(self.loader, "deferred_total", 0):  # cached features: repeats left out of epochs
             metrics["data/left_out_repeats"] = self.loader.deferred_total
         self.logger.log(self.step, metrics)
