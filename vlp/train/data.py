@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 from vlp.data.decode import DecodeOptions
-from vlp.data.shardlists import DataConfigError, check_readers, expand_urls, read_sizes
 from vlp.data.extra_captions import ExtraCaptionSpec
+from vlp.data.shardlists import DataConfigError, check_readers, expand_urls, read_sizes
 from vlp.data.stream import StreamLoader, StreamSpec
 from vlp.data.tokenizer import get_tokenizer
 from vlp.data.transforms import train_transform
