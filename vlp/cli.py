@@ -92,6 +92,37 @@ def _add_shards(sub) -> None:
     g.add_argument("--per-class-test", type=int, default=0, help="fashion-mnist: images per class (0 = all)")
 
 
+def _negative_types(text: str) -> list[str]:
+    from vlp.data.negatives import check_types
+
+    try:
+        return list(check_types([t.strip() for t in text.split(",") if t.strip()]))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_negatives(sub) -> None:
+    p = sub.add_parser("negatives", help="copy shards, adding hard-negative captions to every sample's json")
+    p.add_argument(
+        "--in", dest="inputs", required=True, help="shard pattern, e.g. 'data/train/data-{000000..000009}.tar'"
+    )
+    p.add_argument("--out", required=True, help="output folder (not the input folder); shards keep their names")
+    p.add_argument(
+        "--types",
+        type=_negative_types,
+        default="replace_object,replace_attribute,replace_relation,swap_objects,swap_attributes",
+        help="comma-separated: replace_object, replace_attribute, replace_relation, swap_objects, swap_attributes, "
+        "shuffle_nouns_adjectives, shuffle_all_words, shuffle_trigrams, shuffle_within_trigrams",
+    )
+    p.add_argument("--k", type=_positive_int, default=4, help="negatives per sample (at most)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--field", default="hard_negatives", help="json field of the list of {text, type}")
+    p.add_argument("--generator", choices=("rules", "lm"), default="rules")
+    p.add_argument("--lm-model", help="with --generator lm: a local causal language model folder")
+    p.add_argument("--lm-device", default="cpu", help="with --generator lm: cpu, cuda, cuda:1, ...")
+    p.add_argument("--lm-batch-size", type=_positive_int, default=16)
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint (torchrun: python -m vlp.eval shards the data)")
     p.add_argument(
@@ -142,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_demo(sub)
     _add_shards(sub)
+    _add_negatives(sub)
     _add_eval(sub)
     _add_caption(sub)
     return parser
@@ -256,6 +288,37 @@ def _shards_from_source(args) -> int:
     return 0
 
 
+def cmd_negatives(args) -> int:
+    from vlp.data.negatives_shards import write_negative_shards
+
+    if args.generator == "lm" and not args.lm_model:
+        raise ConfigError("--generator lm needs --lm-model DIR (a local causal language model folder)")
+    summary = write_negative_shards(
+        args.inputs,
+        args.out,
+        types=args.types,
+        k=args.k,
+        seed=args.seed,
+        field=args.field,
+        generator=args.generator,
+        lm_model=args.lm_model,
+        lm_device=args.lm_device,
+        lm_batch_size=args.lm_batch_size,
+    )
+    written, current = len(summary["written"]), len(summary["up_to_date"])
+    print(f"vlp: {written} shard(s) written, {current} up to date, {summary['num_samples']} samples in {args.out}")
+    print(
+        f"vlp: {summary['negatives']} negatives {summary['types']}; samples without any: {summary['without_negatives']}"
+    )
+    skipped = {k: v for k, v in summary["skipped"].items() if v}
+    if skipped:
+        print(f"vlp: bad data: {skipped} (bad samples are copied without negatives; of a damaged shard,")
+        print("vlp: the samples before the damage are written)")
+    print(f"vlp: summary in {args.out}/_negatives.json")
+    print(f"vlp: use data.train_shards={summary['train_shards']}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from vlp.eval.cli import run_eval_command
 
@@ -273,7 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     # other libraries log chatty INFO lines on the root logger; vlp's own INFO lines stay visible
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("vlp").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    handlers = {"train": cmd_train, "demo": cmd_demo, "shards": cmd_shards, "eval": cmd_eval, "caption": cmd_caption}
+    handlers = {
+        "train": cmd_train,
+        "demo": cmd_demo,
+        "shards": cmd_shards,
+        "negatives": cmd_negatives,
+        "eval": cmd_eval,
+        "caption": cmd_caption,
+    }
     try:
         return handlers[args.command](args)
     except (ConfigError, FileNotFoundError) as e:

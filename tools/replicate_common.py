@@ -1,0 +1,116 @@
+"""Shared driver of the small-scale replications (tools/replicate_counting.py, replicate_negatives.py).
+
+Each trains the `debug` CLIP of `configs/demo.yaml` on the synthetic shapes twice per seed, with
+the same data, steps and seed: a baseline, and a variant with one addition (set by ``--set``
+overrides). Both are evaluated on the demo's held-out tasks: zero-shot classification, retrieval,
+compositional (swap/replace attribute/object) and counting (counts 2..6). The script prints a
+table, writes ``<out>/replicate_<name>.json`` and, with ``--json``, prints that JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+METRICS = {  # report key -> the trainer's final eval key
+    "zeroshot_acc1": "zeroshot_classification/acc1",
+    "retrieval_t2i_r1": "zeroshot_retrieval/image_retrieval_recall@1",
+    "retrieval_i2t_r1": "zeroshot_retrieval/text_retrieval_recall@1",
+    "compositional_acc": "compositional/acc",
+    "counting_acc": "counting/acc",
+}
+
+
+def parse_args(name: str, default_steps: int = 600) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=f"baseline vs {name} on the shapes data (see {__file__})")
+    p.add_argument("--out", default=f"runs/replicate_{name}", help="data, runs and the JSON go here")
+    p.add_argument("--steps", type=int, default=default_steps, help="training steps of every run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one baseline and one variant per seed")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 20 steps, 2,000 training images")
+    p.add_argument("--json", action="store_true", help="print only the JSON object")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override (both runs)")
+    return p.parse_args()
+
+
+def _data(out: Path, quick: bool, seed: int) -> None:
+    from vlp import demo
+
+    if quick:  # fewer training shards; the held-out sets stay as the demo's
+        demo.TRAIN_SAMPLES = 2000
+    demo.make_demo_data(out / "data", seed)
+
+
+def _run(out: Path, name: str, steps: int, seed: int, overrides: list[str], quiet: bool) -> dict:
+    from vlp.demo import demo_config
+    from vlp.train.trainer import Trainer
+
+    run_dir = out / f"{name}-seed{seed}"
+    sets = [f"train.seed={seed}", "train.eval_every=0", "train.checkpoint_every=0", "train.progress=off", *overrides]
+    cfg = demo_config(out, steps, sets)
+    cfg.train.output_dir = str(run_dir)
+    t0 = time.perf_counter()
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
+        summary = Trainer(cfg).train()
+    metrics = {k: summary["eval"].get(v) for k, v in METRICS.items()}
+    return {**metrics, "seconds": round(time.perf_counter() - t0, 1), "run": str(run_dir)}
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def replicate(name: str, variant_overrides: list[str], targets: dict[str, float], default_steps: int = 600) -> dict:
+    """Run baseline and variant for every seed; ``targets``: metric -> required mean gain (negative:
+    the largest allowed drop)."""
+    args = parse_args(name, default_steps)
+    out = Path(args.out)
+    steps = 20 if args.quick else args.steps
+    _data(out, args.quick, 0)
+    runs = {"baseline": [], "variant": []}
+    for seed in args.seeds:
+        for kind, extra in (("baseline", []), ("variant", variant_overrides)):
+            runs[kind].append(_run(out, kind, steps, seed, args.overrides + extra, args.json))
+            if not args.json:
+                shown = ", ".join(f"{k} {v:.3f}" for k, v in runs[kind][-1].items() if k in METRICS and v is not None)
+                print(f"{kind} seed {seed}: {shown}", flush=True)
+    means = {kind: {k: _mean(rows, k) for k in METRICS} for kind, rows in runs.items()}
+    delta = {k: means["variant"][k] - means["baseline"][k] for k in METRICS if means["baseline"][k] is not None}
+    checks = {k: {"required": t, "delta": delta[k], "met": delta[k] >= t} for k, t in targets.items()}
+    result = {
+        "name": name,
+        "variant_overrides": variant_overrides,
+        "steps": steps,
+        "seeds": args.seeds,
+        "quick": args.quick,
+        "baseline": means["baseline"],
+        "variant": means["variant"],
+        "delta": delta,
+        "targets": checks,
+        "runs": runs,
+    }
+    path = out / f"replicate_{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"\n{'metric':<20}{'baseline':>10}{'variant':>10}{'delta':>9}")
+        for k in METRICS:
+            b, v = means["baseline"][k], means["variant"][k]
+            if b is not None:
+                print(f"{k:<20}{b:>10.3f}{v:>10.3f}{v - b:>+9.3f}")
+        for k, c in checks.items():
+            verdict = "met" if c["met"] else "NOT met"
+            print(f"target {k}: delta {c['delta']:+.3f}, required {c['required']:+.3f}: {verdict}")
+        print(f"wrote {path}")
+    return result
