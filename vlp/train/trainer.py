@@ -30,6 +30,7 @@ from vlp.train.feature_cache import CachedBatches, CachedHeads, build_feature_ca
 from vlp.train.logging import MetricsLogger
 from vlp.train.optim import build_optimizer, build_scheduler
 from vlp.train.step import forward_backward
+from vlp.train.teacher import TeacherStep, needs_teacher
 from vlp.train.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ class Trainer:
             self.train_module = ExtraTexts(self.model)
         self.ddp_model = backends.wrap_model(self.train_module, self.env)
         self.total_steps = resolve_total_steps(cfg, self.env.world)
-        self.teacher, self.alpha_warmup = self._build_teacher()
+        self.teacher_step = TeacherStep(self.model, cfg, self.env) if needs_teacher(cfg.loss) else None
+        self.teacher = self.teacher_step.teacher if self.teacher_step else None
         self.objective = Objective(cfg.loss, teacher=self.teacher)
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
@@ -89,34 +91,6 @@ class Trainer:
     def _extra_captions(self) -> bool:
         d = self.cfg.data
         return bool(d.negatives.k or d.counterfactuals)
-
-    def _build_teacher(self):
-        """The momentum teacher of ALBEF's distillation (loss.distill) or of DeGLA's text-grounded
-        contrast (loss.negatives.text_grounded_weight), or (None, 0)."""
-        d = self.cfg.loss.distill
-        if not (d.enabled or self.cfg.loss.negatives.text_grounded_weight):
-            return None, 0
-        from vlp.models.momentum import MomentumTeacher
-
-        global_batch = self.cfg.data.batch_size * self.env.world * self.cfg.train.accum_steps
-        queue = d.queue_size if d.enabled else 0  # the text-grounded contrast uses no queue
-        teacher = MomentumTeacher(self.model, momentum=d.momentum, queue_size=queue).to(self.env.device)
-        try:
-            teacher.check_global_batch(global_batch)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        warmup = d.alpha_warmup_steps
-        if warmup < 0:  # one epoch
-            from vlp.train.data import samples_per_epoch
-
-            n = samples_per_epoch(self.cfg.data)
-            if not n:
-                raise ConfigError(
-                    "loss.distill.alpha_warmup_steps=-1 (one epoch) needs the epoch length: set "
-                    "data.samples_per_epoch, put sizes.json beside the shards, or give the steps"
-                )
-            warmup = max(1, round(n / global_batch))
-        return teacher, warmup
 
     def _use_feature_cache(self) -> bool:
         ok, why = cache_supported(self.model)
@@ -201,8 +175,9 @@ class Trainer:
     def train_step(self, micro_batches) -> tuple[torch.Tensor, dict]:
         self.ddp_model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.teacher is not None:
-            micro_batches = self._with_teacher_features(micro_batches)
+        if self.teacher_step is not None:
+            self.objective.alpha = self.teacher_step.alpha(self.step)
+            micro_batches = self.teacher_step.with_features(micro_batches, self._autocast)
         loss, terms, _ = forward_backward(
             self.ddp_model,
             self.objective,
@@ -220,26 +195,9 @@ class Trainer:
         self.scheduler.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(self.cfg.train.logit_scale_max))
-        if self.teacher is not None:
-            self.teacher.update(self.model)
-            img = torch.cat([b["teacher_image_features"] for b in micro_batches])
-            txt = torch.cat([b["teacher_text_features"] for b in micro_batches])
-            self.teacher.enqueue(img, txt, group=self.env.group)
+        if self.teacher_step is not None:
+            self.teacher_step.after_step(self.model, micro_batches)
         return loss, terms
-
-    def _with_teacher_features(self, micro_batches: list[dict]) -> list[dict]:
-        """The teacher's features of every micro-batch (same images and tokens as the model's)."""
-        from vlp.models.momentum import alpha_at
-
-        d = self.cfg.loss.distill
-        self.objective.alpha = alpha_at(self.step, self.alpha_warmup, d.alpha)
-        out = []
-        for batch in micro_batches:
-            dev = self.env.device
-            with self._autocast():
-                img, txt = self.teacher.features(batch["image"].to(dev), batch["text"].to(dev))
-            out.append({**batch, "teacher_image_features": img.float(), "teacher_text_features": txt.float()})
-        return out
 
     def _autocast(self):
         p = self.cfg.model.precision
@@ -342,7 +300,7 @@ class Trainer:
         self.validator.load_state_dict(state.get("validation"))
         if self.teacher is not None:
             if "teacher" not in state:
-                raise CheckpointError(f"{path}: has no momentum teacher (trained without loss.distill.enabled)")
+                raise CheckpointError(f"{path}: has no momentum teacher (trained without one); start a new output_dir")
             self.teacher.load_state_dict(state["teacher"])
         if state.get("world") == self.env.world:
             _set_rng_states(state["rng"][self.env.rank], self.env.device)
