@@ -203,6 +203,16 @@ class LossConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    zero_stage: int = _f(1, "ZeRO stage with `train.backend=deepspeed`: 0 (plain data parallel), 1, 2 or 3.")
+    config: str = _f(
+        "",
+        "A DeepSpeed JSON (e.g. configs/deepspeed/zero2.json) merged into the one vlp generates; a key that "
+        "contradicts vlp's config (batch, accumulation, clipping, precision, stage, optimizer) is an error.",
+    )
+
+
+@dataclass
 class TrainConfig:
     steps: int = _f(1000, "Optimizer steps to run (ignored when `epochs` > 0).")
     epochs: float = _f(0.0, "If > 0, run this many epochs of `data.samples_per_epoch` instead of `steps`.")
@@ -218,9 +228,12 @@ class TrainConfig:
         "Micro-batches per optimizer step; the contrastive loss spans all of them (exact, cached features).",
     )
     logit_scale_max: float = _f(100.0, "Upper clamp of the learned logit scale (as the multiplier).")
-    backend: Literal["auto", "single", "ddp"] = _f(
-        "auto", "`auto`: DDP when launched with several processes (torchrun/SLURM), else one; `single`; `ddp`."
+    backend: Literal["auto", "single", "ddp", "deepspeed"] = _f(
+        "auto",
+        "`auto`: DDP when launched with several processes (torchrun/SLURM), else one; `single`; `ddp`; "
+        "`deepspeed` (ZeRO, see `train.deepspeed`).",
     )
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     dist_timeout_s: int = _f(1800, "Timeout of collective operations in seconds (a dead rank fails the others).")
     output_dir: str = _f("runs/default", "Run folder: config, metrics.jsonl, TensorBoard, checkpoints.")
     seed: int = _f(0, "Seed of the model init, data order and augmentation.")
@@ -304,6 +317,7 @@ class Config:
             ("model.text.context_length", m.text.context_length >= 2, "must be >= 2"),
             ("train.val_every", self.train.val_every >= 0, "must be >= 0"),
             ("train.early_stopping_patience", self.train.early_stopping_patience >= 0, "must be >= 0"),
+            ("train.deepspeed.zero_stage", self.train.deepspeed.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3"),
         ]
         dl = self.loss.distill
         checks += [

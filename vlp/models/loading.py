@@ -69,6 +69,8 @@ def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:
 def load_state_dict_checked(model: torch.nn.Module, sd: dict, source, model_name: str = "") -> None:
     """Load ``sd`` into ``model`` strictly; on mismatch raise CheckpointError saying what differs."""
     own = model.state_dict()
+    # ZeRO-3 keeps 0-dim parameters (the logit scale) as 1-element vectors
+    sd = {k: v.reshape(()) if k in own and own[k].dim() == 0 and tuple(v.shape) == (1,) else v for k, v in sd.items()}
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
@@ -110,7 +112,14 @@ def load_model(path_or_name: str, model_name: str | None = None, device: str = "
     from vlp.models.registry import build_model, image_size
 
     path = Path(path_or_name)
-    if path.is_file():
+    if path.is_dir() and _is_deepspeed_dir(path):
+        from vlp.train.deepspeed_backend import read_as_vlp_checkpoint
+
+        obj = read_as_vlp_checkpoint(path)  # ZeRO shards consolidated to fp32
+        name = model_name or _architecture_of(obj, path)
+        model, mean, std = build_model(name)
+        load_state_dict_checked(model, extract_state_dict(obj), path, getattr(name, "name", name))
+    elif path.is_file():
         obj = read_file(path)
         if is_vlp_checkpoint(obj) and not model_name:
             name = _architecture_of(obj, path)  # a ModelConfig: custom towers are rebuilt as trained
@@ -145,3 +154,9 @@ def _architecture_of(obj: dict, path):
     vision = dataclasses.replace(mcfg.vision, weights="")
     text = dataclasses.replace(mcfg.text, pretrained=False)
     return dataclasses.replace(mcfg, pretrained="", vision=vision, text=text)
+
+
+def _is_deepspeed_dir(path: Path) -> bool:
+    from vlp.train.deepspeed_backend import is_deepspeed_checkpoint
+
+    return is_deepspeed_checkpoint(path)

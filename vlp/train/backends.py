@@ -1,8 +1,9 @@
 """Process setup and model wrapping, applied from outside the single-device model code.
 
-Reads torchrun (RANK/WORLD_SIZE/LOCAL_RANK) and SLURM (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID)
-environments. gloo on CPU, nccl on GPU. Collectives time out after ``train.dist_timeout_s`` so a
-dead rank makes the others fail instead of hanging forever.
+Reads torchrun and the DeepSpeed launcher (RANK/WORLD_SIZE/LOCAL_RANK) and SLURM
+(SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID) environments. gloo on CPU, nccl on GPU. Collectives
+time out after ``train.dist_timeout_s`` so a dead rank makes the others fail instead of hanging
+forever. ``train.backend=deepspeed`` starts the group through DeepSpeed (see deepspeed_backend.py).
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def init_distributed(train_cfg) -> DistEnv:
         raise ConfigError(
             f"train.backend=single but the launcher started {world} processes; use train.backend=auto or ddp"
         )
+    if train_cfg.backend == "deepspeed":
+        return _init_deepspeed(train_cfg, world, local_rank, device)
     if world == 1:
         if train_cfg.backend == "ddp":
             log.info("train.backend=ddp with one process: running without DDP")
@@ -80,6 +83,33 @@ def init_distributed(train_cfg) -> DistEnv:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=train_cfg.dist_timeout_s))
+    return DistEnv(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_deepspeed(train_cfg, world: int, local_rank: int, device: torch.device) -> DistEnv:
+    """DeepSpeed always runs a process group, also for one process (then on this host)."""
+    from vlp.train.deepspeed_backend import import_deepspeed
+
+    deepspeed = import_deepspeed(device.type)
+    if world == 1:
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend="nccl" if device.type == "cuda" else "gloo",
+            auto_mpi_discovery=False,
+            timeout=datetime.timedelta(seconds=train_cfg.dist_timeout_s),
+            verbose=False,
+        )
     return DistEnv(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=device)
 
 
@@ -99,7 +129,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def all_gather_objects(obj, env: DistEnv) -> list:
     """Every rank's ``obj`` (picklable), in rank order."""
-    if env.world == 1:
+    if env.world == 1 or not dist.is_initialized():
         return [obj]
     out = [None] * env.world
     dist.all_gather_object(out, obj, group=env.group)
@@ -107,10 +137,10 @@ def all_gather_objects(obj, env: DistEnv) -> list:
 
 
 def barrier(env: DistEnv) -> None:
-    if env.world > 1:
+    if env.world > 1 and dist.is_initialized():
         dist.barrier(group=env.group)
 
 
 def shutdown(env: DistEnv) -> None:
-    if env.world > 1 and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()

@@ -50,25 +50,39 @@ def _forward(model, batch, device, autocast):
     return {k: v.float() if torch.is_tensor(v) and v.dtype in low else v for k, v in out.items()}
 
 
-def _no_sync(model, last: bool):
-    return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+def _no_sync(model, last: bool, engine):
+    if last or engine is not None or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()  # DeepSpeed reduces at its own accumulation boundary
+    return model.no_sync()
 
 
-def forward_backward(model, objective, micro_batches, *, device, autocast, scaler, group=None):
+def _backward(loss, engine) -> None:
+    """Autograd backward, or DeepSpeed's: ``engine.backward`` (loss scaling, ZeRO gradient
+    reduction; no 1/k scaling: ``loss`` carries its share already) then ``engine.step()``,
+    which updates the weights on the k-th micro-batch only."""
+    if engine is None:
+        loss.backward()
+        return
+    engine.backward(loss, scale_wrt_gas=False)
+    engine.step()
+
+
+def forward_backward(model, objective, micro_batches, *, device, autocast, scaler, group=None, engine=None):
     """Run forward and backward for one optimizer step; returns ``(loss, terms, last_outputs)``.
 
     ``loss`` and ``terms`` are detached; gradients are left in the parameters (scaled when
-    ``scaler`` is enabled).
+    ``scaler`` is enabled). With a DeepSpeed ``engine`` (``model`` is the engine), the engine also
+    takes the optimizer step; ``scaler`` must then be disabled (the engine scales fp16 losses).
     """
     if len(micro_batches) == 1:
         out = _forward(model, micro_batches[0], device, autocast)
         loss, terms = objective(out, group)
-        scaler.scale(loss).backward()
+        _backward(scaler.scale(loss), engine)
         return loss.detach(), {k: v.detach() for k, v in terms.items()}, out
-    return _cached_accumulation(model, objective, micro_batches, device, autocast, scaler, group)
+    return _cached_accumulation(model, objective, micro_batches, device, autocast, scaler, group, engine)
 
 
-def _cached_accumulation(model, objective, micro_batches, device, autocast, scaler, group):
+def _cached_accumulation(model, objective, micro_batches, device, autocast, scaler, group, engine):
     local_keys = getattr(objective, "LOCAL_KEYS", ())
     local_weights = getattr(objective, "local_weights", lambda out: {})
     rng, cached, weights = [], [], []
@@ -100,7 +114,7 @@ def _cached_accumulation(model, objective, micro_batches, device, autocast, scal
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         _set_rng_state(rng[i], device)
-        with _no_sync(model, last):
+        with _no_sync(model, last, engine):
             out = _forward(model, batch, device, autocast)
             surrogate = sum((out[k] * split[k][i]).sum() for k in split)
             for k, g in grads.items():
@@ -114,6 +128,6 @@ def _cached_accumulation(model, objective, micro_batches, device, autocast, scal
                 surrogate = surrogate + scaler.scale(weight * share * value)
                 local_sum[name] = local_sum.get(name, 0.0) + share * value.detach()
                 loss = loss + weight * share * value.detach()
-            surrogate.backward()
+            _backward(surrogate, engine)
     _set_rng_state(after_rng, device)
     return loss.detach(), {**{k: v.detach() for k, v in terms.items()}, **local_sum}, out

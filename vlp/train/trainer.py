@@ -61,17 +61,23 @@ class Trainer:
         self.train_module = CachedHeads(self.model) if self.cached else self.model
         if self._extra_captions():  # hard negatives / counterfactuals are encoded inside the forward
             self.train_module = ExtraTexts(self.model)
-        self.ddp_model = backends.wrap_model(self.train_module, self.env)
+        self.ds = t.backend == "deepspeed"
+        self.ddp_model = self.train_module if self.ds else backends.wrap_model(self.train_module, self.env)
         self.total_steps = resolve_total_steps(cfg, self.env.world)
+        # the teacher copies the fp32 weights before DeepSpeed casts the module to bf16/fp16
         self.teacher_step = TeacherStep(self.model, cfg, self.env) if needs_teacher(cfg.loss) else None
         self.teacher = self.teacher_step.teacher if self.teacher_step else None
         self.objective = Objective(cfg.loss, teacher=self.teacher)
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
-        fp16 = cfg.model.precision == "fp16"
+        fp16 = cfg.model.precision == "fp16" and not self.ds  # DeepSpeed scales fp16 losses itself
         self.scaler = torch.amp.GradScaler(dev.type, enabled=fp16)
         self.out_dir = Path(t.output_dir)
-        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", t.keep_checkpoints, self.env.is_main)
+        self.engine = None
+        if self.ds:
+            self._init_deepspeed()
+        else:
+            self.checkpointer = Checkpointer(self.out_dir / "checkpoints", t.keep_checkpoints, self.env.is_main)
         self.step = 0
         self.skipped: Counter = Counter()
         self.eval_results: list[dict] = []
@@ -80,8 +86,46 @@ class Trainer:
         self.validator = Validator(self)
         _seed_everything(t.seed + 1000 * self.env.rank)  # per-rank streams for dropout etc.
 
+    def _init_deepspeed(self) -> None:
+        from vlp.train import deepspeed_backend as dsb
+        from vlp.train.deepspeed_config import build_config
+
+        ds_config = build_config(self.cfg, self.env.world)
+        self.engine = dsb.initialize(self.train_module, self.optimizer, self.scheduler, ds_config, self.env)
+        self.ddp_model = self.engine
+        self.checkpointer = dsb.DeepSpeedCheckpointer(
+            self.engine,
+            self.out_dir / "checkpoints",
+            self.cfg.train.keep_checkpoints,
+            self.env.is_main,
+            lambda: backends.barrier(self.env),
+        )
+        if self.env.is_main:
+            z = ds_config["zero_optimization"]["stage"]
+            print(f"vlp: DeepSpeed ZeRO stage {z}, {self.env.world} process(es), precision {self.cfg.model.precision}")
+
+    @contextlib.contextmanager
+    def full_model(self):
+        """The model usable outside the training forward (evaluation, validation, saving weights):
+        under ZeRO-3 its parameters gathered; under DeepSpeed bf16/fp16 (module weights in low
+        precision), fp32 inputs autocast."""
+        if self.engine is None:
+            yield self.model
+            return
+        from vlp.train.deepspeed_backend import gathered
+
+        with gathered(self.engine, self.model.parameters()), self._autocast():
+            yield self.model
+
     def _check_settings(self) -> None:
         """Mistakes that depend on the launch or the eval data stop the run now, not hours later."""
+        t = self.cfg.train
+        if t.backend == "deepspeed":
+            from vlp.train.deepspeed_backend import check_supported
+
+            check_supported(self.cfg, t.deepspeed.zero_stage)
+            if t.val_every and t.deepspeed.zero_stage == 3:
+                raise ConfigError("train.val_every (keep the best weights) is not supported with ZeRO-3; use stage 1/2")
         c = self.cfg.loss.contrastive
         if c.impl == "grouped" and c.group_size and self.env.world % c.group_size:
             raise ConfigError(
@@ -174,11 +218,12 @@ class Trainer:
 
     def train_step(self, micro_batches) -> tuple[torch.Tensor, dict]:
         self.ddp_model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
         if self.teacher_step is not None:
             self.objective.alpha = self.teacher_step.alpha(self.step)
             micro_batches = self.teacher_step.with_features(micro_batches, self._autocast)
-        loss, terms, _ = forward_backward(
+        loss, terms, out = forward_backward(
             self.ddp_model,
             self.objective,
             micro_batches,
@@ -186,7 +231,18 @@ class Trainer:
             autocast=self._autocast,
             scaler=self.scaler,
             group=self.env.group,
+            engine=self.engine,
         )
+        # the multiplier the step used (read at log time only: no host sync here; under ZeRO-3 the
+        # module's own parameter is a partition outside the forward)
+        self.last_logit_scale = out["logit_scale"].detach()
+        if self.engine is not None:  # the engine clipped, stepped and zeroed; the schedule too
+            from vlp.train.deepspeed_backend import clamp_logit_scale
+
+            clamp_logit_scale(self.engine, self.model, self.cfg.train.logit_scale_max)
+            if self.teacher_step is not None:
+                self.teacher_step.after_step(self.model, micro_batches)
+            return loss, terms
         if self.cfg.train.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
@@ -219,7 +275,7 @@ class Trainer:
             "loss": float(loss),
             **{f"loss/{k}": float(v) for k, v in terms.items()},
             "lr": self.scheduler.get_last_lr()[0],
-            "logit_scale": float(self.model.logit_scale.detach().exp()),
+            "logit_scale": float(self.last_logit_scale.reshape(-1)[0]),
             "samples_per_s": samples_per_s_rank * self.env.world,
             **{f"data/skipped/{k}": v for k, v in self.skipped.items()},
         }
@@ -247,7 +303,8 @@ class Trainer:
             plots_dir=self.out_dir / "eval",
         )
         # every rank extracts its share of the features; all get the same results
-        results = flat_metrics(evaluate_tasks(self.model, self.tokenizer, self.eval_specs, ctx))
+        with self.full_model() as model:
+            results = flat_metrics(evaluate_tasks(model, self.tokenizer, self.eval_specs, ctx))
         self.eval_results.append({"step": self.step, **results})
         self.logger.log(self.step, {f"eval/{k}": v for k, v in results.items()})
         return results
@@ -264,10 +321,6 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "vlp_version": vlp.__version__,
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
             "config": self.cfg.to_dict(),
             "rng": rng,
             "data": data,
@@ -276,6 +329,13 @@ class Trainer:
         }
         if self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
+        if self.engine is None:  # DeepSpeed's engine saves the module, optimizer and schedule itself
+            state.update(
+                model=self.model.state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                scaler=self.scaler.state_dict(),
+            )
         self.last_checkpoint = self.checkpointer.save(self.step, state)
         backends.barrier(self.env)
         return self.last_checkpoint
@@ -292,10 +352,11 @@ class Trainer:
             raise CheckpointError(f"cannot resume from {which}")
         path, state = found
         self._check_compatible(path, state)
-        load_state_dict_checked(self.model, state["model"], path, self.cfg.model.name)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if self.engine is None:  # DeepSpeed's checkpointer has loaded them into the engine
+            load_state_dict_checked(self.model, state["model"], path, self.cfg.model.name)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.validator.load_state_dict(state.get("validation"))
         if self.teacher is not None:

@@ -69,7 +69,8 @@ class Validator:
         if self._data is None:
             self._data = build_specs(["zeroshot_retrieval"], [list(self.urls)])
         ctx = EvalContext(env=t.env, preprocess=t.eval_preprocess, batch_size=t.cfg.eval.batch_size)
-        return evaluate_tasks(t.model, t.tokenizer, self._data, ctx)[0]["metrics"]
+        with t.full_model() as model:
+            return evaluate_tasks(model, t.tokenizer, self._data, ctx)[0]["metrics"]
 
     def run(self, step: int) -> bool:
         """Validate at ``step``; returns True when the run should stop early."""
@@ -78,7 +79,12 @@ class Validator:
         improved = self.best_score is None or score > self.best_score
         if improved:
             self.best_score, self.best_step, self.bad = score, step, 0
-            self.best_state = _trainable_state(self.t.model)
+            if self.t.engine is not None:  # the fp32 master weights, not the module's bf16/fp16 copy
+                from vlp.train.deepspeed_backend import master_state
+
+                self.best_state = master_state(self.t.model)
+            else:
+                self.best_state = _trainable_state(self.t.model)
         else:
             self.bad += 1
         logged = {f"val/{k}": float(metrics[k]) for k in RECALL_KEYS}
@@ -97,6 +103,10 @@ class Validator:
         if self.best_state is None or self.best_step == step:
             return False
         self.t.model.load_state_dict(self.best_state, strict=False)
+        if self.t.engine is not None:  # DeepSpeed keeps fp32 master weights: they take the best ones too
+            from vlp.train.deepspeed_backend import set_master_from_module
+
+            set_master_from_module(self.t.model, self.best_state)
         if self.t.env.is_main:
             print(f"vlp: restored the best weights (step {self.best_step}, val score {self.best_score:.4f})")
         return True

@@ -1,0 +1,320 @@
+"""DeepSpeed backend (``train.backend: deepspeed``): the same Trainer, through ``deepspeed.initialize``.
+
+- The engine wraps vlp's AdamW (ZeRO partitions its fp32 master weights and states) and vlp's
+  schedule (stepped by DeepSpeed at accumulation boundaries, skipped on fp16 overflow).
+- Accumulation stays vlp's exact one (:mod:`vlp.train.step`): DeepSpeed is told
+  ``gradient_accumulation_steps = k``; every micro-batch's backward goes through ``engine.backward``
+  without DeepSpeed's 1/k scaling (each carries its share of the global gradient already), then
+  ``engine.step()``, which updates only on the k-th.
+- The logit-scale clamp acts on the optimizer's fp32 master copy as well as on the module's copy:
+  clamping the module alone is undone by the next step's copy from the master.
+- Checkpoints: ``engine.save_checkpoint`` writes one folder per step (every rank its shards); a
+  completion marker and the ``latest`` pointer are written atomically by rank 0 after every rank
+  has finished, so a killed save is never resumed from. DeepSpeed's own files are read with
+  ``torch.load(weights_only=True)`` forced, with only DeepSpeed's plain record classes allowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from vlp.config import Config, ConfigError
+from vlp.models.loading import CheckpointError
+from vlp.train.checkpoint import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+MARKER = "vlp_complete.json"
+
+
+def import_deepspeed(device_type: str):
+    """``import deepspeed`` with the CPU accelerator selected on CPU runs; a clear error if missing."""
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ConfigError(
+            f"train.backend=deepspeed needs DeepSpeed: pip install 'vlp[deepspeed]' (import failed: {e})"
+        ) from None
+    return deepspeed
+
+
+def check_supported(cfg: Config, stage: int) -> None:
+    """Combinations that would train wrongly under ZeRO-3 stop here, before any data is read."""
+    if stage != 3:
+        return
+    loss = cfg.loss
+    if loss.distill.enabled or loss.negatives.text_grounded_weight > 0:
+        raise ConfigError(
+            "train.deepspeed.zero_stage=3 partitions the parameters, so the momentum teacher's EMA would read "
+            "empty shards: use zero_stage 1 or 2 with loss.distill / loss.negatives.text_grounded_weight"
+        )
+    if cfg.data.negatives.k or cfg.data.counterfactuals:
+        raise ConfigError(
+            "train.deepspeed.zero_stage=3 with extra captions (data.negatives / data.counterfactuals) is not "
+            "supported: the text tower is called outside the model's forward; use zero_stage 1 or 2"
+        )
+
+
+@contextlib.contextmanager
+def _scalars_as_vectors(module):
+    """0-dim parameters (the logit scale) as 1-element views of the same storage, inside the block.
+
+    DeepSpeed 0.19's start-up broadcast views every parameter as bytes, which fails for 0-dim
+    tensors ("self.dim() cannot be 0 to view Float as Byte")."""
+    scalars = [p for p in module.parameters() if p.dim() == 0]
+    for p in scalars:
+        p.data = p.data.reshape(1)
+    try:
+        yield
+    finally:
+        for p in scalars:
+            p.data = p.data.reshape(())
+
+
+def initialize(module, optimizer, scheduler, ds_config: dict, env):
+    """The engine around ``module``; sets ``env.group`` to its data-parallel group."""
+    deepspeed = import_deepspeed(env.device.type)
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    for key, supported in (("fp16", acc.is_fp16_supported()), ("bf16", acc.is_bf16_supported())):
+        if ds_config[key]["enabled"] and not supported:
+            raise ConfigError(
+                f"model.precision={key}: DeepSpeed's '{acc.device_name()}' accelerator does not support it; "
+                "use bf16 or fp32 there"
+            )
+    engine_cls = deepspeed.runtime.engine.DeepSpeedEngine
+    broadcast = engine_cls._broadcast_model
+
+    def broadcast_with_scalars(engine):
+        with _scalars_as_vectors(engine.module):
+            broadcast(engine)
+
+    engine_cls._broadcast_model = broadcast_with_scalars
+    if ds_config["zero_optimization"]["stage"] == 3:
+        # ZeRO-3 views parameters as bytes in many places (partitioning, GatheredParameters):
+        # 0-dim ones stay 1-element vectors for the engine's life; checkpoints are reshaped on export
+        for p in module.parameters():
+            if p.dim() == 0:
+                p.data = p.data.reshape(1)
+    try:
+        engine, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+        )
+    finally:
+        engine_cls._broadcast_model = broadcast
+    env.group = engine.data_parallel_group
+    return engine
+
+
+def zero_stage(engine) -> int:
+    return int(engine.zero_optimization_stage())
+
+
+def gathered(engine, params, modifier_rank=None):
+    """Full parameters inside the block under ZeRO-3 (written back from ``modifier_rank``); a no-op otherwise."""
+    if zero_stage(engine) != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
+
+
+def clamp_logit_scale(engine, model, max_scale: float) -> None:
+    """Clamp ``logit_scale`` to [0, log(max_scale)] in the fp32 master copy and in the module."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    p = model.logit_scale
+    hi = math.log(max_scale)
+    master = safe_get_full_fp32_param(p)  # a collective under ZeRO: every rank calls it
+    if master is not None and (master.min() < 0 or master.max() > hi):
+        safe_set_full_fp32_param(p, master.clamp(0, hi))
+    with gathered(engine, [p], modifier_rank=0), torch.no_grad():
+        p.clamp_(0, hi)
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+
+def _deepspeed_record_classes() -> list:
+    """The non-tensor classes DeepSpeed pickles into its checkpoints (plain records, no code)."""
+    classes = []
+    for module, names in (
+        ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+        ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
+        ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+        ("deepspeed.checkpoint.constants", ()),
+    ):
+        try:
+            mod = __import__(module, fromlist=list(names) or ["__name__"])
+        except ImportError:
+            continue
+        classes += [getattr(mod, n) for n in names if hasattr(mod, n)]
+    return classes
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every ``torch.load`` inside is ``weights_only=True`` (even where DeepSpeed asks otherwise),
+    allowing only DeepSpeed's record classes; a file that needs anything else is refused."""
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_record_classes()):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+
+
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    """A step folder written by this backend (or a checkpoints folder holding them)."""
+    path = Path(path)
+    return path.is_dir() and ((path / MARKER).is_file() or (path / "latest").is_file() and _tags(path) != [])
+
+
+def _tags(folder: Path) -> list[Path]:
+    """Complete step folders (with the marker), oldest first."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / MARKER).is_file())
+
+
+def resolve_tag(path: str | Path) -> Path:
+    """A step folder from itself or from a checkpoints folder (its ``latest``)."""
+    path = Path(path)
+    if (path / MARKER).is_file():
+        return path
+    pointer = path / "latest"
+    if pointer.is_file() and (path / pointer.read_text().strip() / MARKER).is_file():
+        return path / pointer.read_text().strip()
+    tags = _tags(path)
+    if not tags:
+        raise CheckpointError(f"{path}: no complete DeepSpeed checkpoint (a step_* folder with {MARKER})")
+    return tags[-1]
+
+
+class DeepSpeedCheckpointer:
+    """Same interface and ``latest`` semantics as :class:`vlp.train.checkpoint.Checkpointer`."""
+
+    def __init__(self, engine, folder: str | Path, keep: int, is_main: bool, barrier):
+        self.engine, self.folder, self.keep = engine, Path(folder), keep
+        self.is_main, self.barrier = is_main, barrier
+
+    def path_for(self, step: int) -> Path:
+        return self.folder / f"step_{step:08d}"
+
+    def save(self, step: int, state: dict) -> Path:
+        """Every rank calls this (each writes its shards); ``state`` is vlp's client state."""
+        path = self.path_for(step)
+        if self.is_main and path.exists():  # an earlier, interrupted save of this step
+            shutil.rmtree(path)
+        self.barrier()
+        self.engine.save_checkpoint(str(self.folder), tag=path.name, client_state=state, save_latest=False)
+        self.barrier()  # every rank's shards are on disk
+        if self.is_main:
+            files = sorted(p.name for p in path.iterdir())
+            marker = {"step": step, "files": files, "zero_stage": zero_stage(self.engine)}
+            atomic_write_bytes(path / MARKER, lambda f: f.write(json.dumps(marker).encode()))
+            atomic_write_bytes(self.folder / "latest", lambda f: f.write(path.name.encode()))
+            for old in _tags(self.folder)[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
+        return path
+
+    def latest(self) -> Path | None:
+        try:
+            return resolve_tag(self.folder)
+        except CheckpointError:
+            return None
+
+    def load(self, which: str) -> tuple[Path, dict] | None:
+        """Load the engine's module, optimizer and schedule; returns ``(folder, client_state)``."""
+        if which != "latest":
+            candidates = [resolve_tag(which)]
+        else:
+            newest = self.latest()
+            candidates = [t for t in _tags(self.folder) if newest is None or t.name <= newest.name]
+        for tag in reversed(candidates):
+            try:
+                with weights_only_loads():
+                    loaded, client = self.engine.load_checkpoint(
+                        str(tag.parent), tag=tag.name, load_optimizer_states=True, load_lr_scheduler_states=True
+                    )
+            except Exception as e:  # DeepSpeed raises assorted errors on truncated files
+                if which != "latest":
+                    raise CheckpointError(f"{tag}: cannot load the DeepSpeed checkpoint ({e})") from None
+                log.warning("checkpoint %s is unreadable (%s); trying the previous one", tag, e)
+                continue
+            if loaded is None:
+                continue
+            return tag, client
+        return None
+
+
+def set_master_from_module(model, state: dict) -> None:
+    """Write ``state``'s tensors (full, fp32) into the optimizer's master copies (ZeRO 1/2)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    params = dict(model.named_parameters())
+    for name, value in state.items():
+        if name in params:
+            safe_set_full_fp32_param(params[name], value.to(params[name].device, torch.float32))
+
+
+def master_state(model) -> dict[str, torch.Tensor]:
+    """The trainable parameters' fp32 master values (a collective per parameter), on the CPU."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            full = safe_get_full_fp32_param(p)
+            out[name] = (full if full is not None else p.detach()).float().cpu().clone()
+    return out
+
+
+def consolidated_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """One fp32 state dict from a DeepSpeed step folder (or a checkpoints folder: its ``latest``),
+    and vlp's client state (config, step). ZeRO 1-3 shards are merged from the optimizer's fp32
+    master partitions by DeepSpeed's own ``zero_to_fp32``; stage 0 keeps the module's weights.
+    Every file is read with ``weights_only=True`` (DeepSpeed's record classes allowed, nothing else)."""
+    tag = resolve_tag(path)
+    import_deepspeed("cpu")
+    from deepspeed.utils import zero_to_fp32
+
+    marker = json.loads((tag / MARKER).read_text())
+    # mp_rank_00_model_states.pt, or under ZeRO-3 zero_pp_rank_0_mp_rank_00_model_states.pt
+    model_file = min(tag.glob("*model_states.pt"), key=lambda p: len(p.name), default=tag / "missing_model_states.pt")
+    with weights_only_loads():
+        try:
+            states = torch.load(model_file, map_location="cpu")
+            if marker["zero_stage"] == 0:
+                sd = {k: v.float() for k, v in states["module"].items()}
+            else:
+                sd = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+        except Exception as e:
+            raise CheckpointError(f"{tag}: cannot read the DeepSpeed checkpoint ({e})") from None
+    client = {k: v for k, v in states.items() if k in ("format", "vlp_version", "step", "config", "world")}
+    return {k.removeprefix("module."): v.detach() for k, v in sd.items()}, client
+
+
+def read_as_vlp_checkpoint(path: str | Path) -> dict:
+    """A DeepSpeed step folder as the dict a vlp checkpoint file holds (``format``, ``config``,
+    ``step``, ``model`` = the consolidated fp32 weights), for evaluation and export."""
+    sd, client = consolidated_state_dict(path)
+    if "config" not in client:
+        raise CheckpointError(f"{path}: a DeepSpeed checkpoint without vlp's config (not written by vlp)")
+    return {**client, "model": sd}
