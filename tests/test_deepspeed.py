@@ -206,3 +206,47 @@ def test_bf16_clamps_master_logit_scale_and_consolidates(shapes_shards, tmp_path
     assert float(sd["logit_scale"]) <= math.log(10) + 1e-6
     model, _, _ = vlp.load_model(str(out / "checkpoints" / "step_00000002"))
     assert float(model.logit_scale.detach()) == pytest.approx(math.log(10), abs=1e-4)
+
+
+def _unequal_batches(rank, world):
+    import torch
+
+    from vlp.losses.distributed import check_same_batch
+
+    try:
+        check_same_batch(torch.zeros(16 if rank == 0 else 12, 3, 8, 8))
+    except RuntimeError as e:
+        return {"error": str(e)}
+    return {"error": ""}
+
+
+def test_unequal_batches_fail_instead_of_hanging():
+    from tests.distributed import run_distributed
+
+    for result in run_distributed(_unequal_batches, 2):
+        assert "different feature shapes" in result["error"] and "[16, 3, 8, 8]" in result["error"]
+
+
+@pytest.mark.slow
+def test_momentum_teacher_under_zero2_matches_single_process(shapes_shards, tmp_path):
+    distill = ["loss.distill.enabled=true", "loss.distill.queue_size=64", "loss.distill.alpha_warmup_steps=0"]
+    plain, zero = tmp_path / "plain", tmp_path / "zero2"
+    _run(["--config", "configs/demo.yaml", *_sets(shapes_shards, plain, *distill)], nproc=1)
+    _run(
+        [
+            "--config",
+            "configs/demo.yaml",
+            *_sets(shapes_shards, zero, *distill, "train.backend=deepspeed", "train.deepspeed.zero_stage=2"),
+        ],
+        nproc=1,
+    )
+    a, b = _losses(plain), _losses(zero)
+    for step in (1, 2, 3):
+        assert b[step] == pytest.approx(a[step], abs=2e-5), (a, b)
+    import torch
+
+    from vlp.train.deepspeed_backend import weights_only_loads
+
+    with weights_only_loads():
+        state = torch.load(zero / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt")
+    assert int(state["teacher"]["ptr"]) == (3 * 16) % 64  # the queue and its pointer are in the checkpoint

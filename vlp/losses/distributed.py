@@ -50,12 +50,13 @@ def all_gather_with_grad(x_BD: torch.Tensor, group=None) -> torch.Tensor:
     return _AllGather.apply(x_BD, group)
 
 
-def check_same_batch(x_BD: torch.Tensor, group=None) -> None:
-    """All-gather needs equal shapes on every rank; a mismatch would hang or corrupt silently."""
+def check_same_batch(x_BD: torch.Tensor, group=None, device=None) -> None:
+    """All-gather needs equal shapes on every rank; a mismatch would hang or corrupt silently.
+    ``device``: where the collective runs (a CUDA device for nccl), default ``x_BD``'s."""
     _, world = group_rank_world(group)
     if world == 1:
         return
-    shape = torch.tensor(list(x_BD.shape), dtype=torch.long, device=x_BD.device)
+    shape = torch.tensor(list(x_BD.shape), dtype=torch.long, device=device or x_BD.device)
     shapes = [torch.empty_like(shape) for _ in range(world)]
     dist.all_gather(shapes, shape, group=group)
     if any(not torch.equal(s, shapes[0]) for s in shapes):

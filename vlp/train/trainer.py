@@ -220,6 +220,11 @@ class Trainer:
         self.ddp_model.train()
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=True)
+        else:  # unequal batches would hang ZeRO-3's collectives: fail with the shapes instead
+            from vlp.losses.distributed import check_same_batch
+
+            for b in micro_batches:
+                check_same_batch(b["image"], self.env.group, device=self.env.device)
         if self.teacher_step is not None:
             self.objective.alpha = self.teacher_step.alpha(self.step)
             micro_batches = self.teacher_step.with_features(micro_batches, self._autocast)
