@@ -205,6 +205,11 @@ def test_bf16_clamps_master_logit_scale_and_consolidates(shapes_shards, tmp_path
     assert client["step"] == 2 and sd["logit_scale"].dtype == torch.float32
     assert float(sd["logit_scale"]) <= math.log(10) + 1e-6
     model, _, _ = vlp.load_model(str(out / "checkpoints" / "step_00000002"))
+    # vlp export consolidates the shards and its parity check reloads the export
+    from vlp.export import export_checkpoint
+
+    info = export_checkpoint(out / "checkpoints", "open_clip", tmp_path / "exported", check=True)
+    assert info["parity"]["ok"] and info["source_kind"] == "vlp DeepSpeed checkpoint"
     assert float(model.logit_scale.detach()) == pytest.approx(math.log(10), abs=1e-4)
 
 

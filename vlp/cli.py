@@ -28,6 +28,8 @@ def _add_train(sub) -> None:
         help="override a config key, e.g. --set train.lr=3e-4 (repeatable)",
     )
     p.add_argument("--resume", help="`latest` or a checkpoint path (same as --set train.resume=...)")
+    # the DeepSpeed launcher appends --local_rank=N; the rank is read from LOCAL_RANK as well
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def _add_demo(sub) -> None:
@@ -166,6 +168,28 @@ def _add_caption(sub) -> None:
     p.add_argument("--device", default="auto")
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export", help="export a checkpoint: open_clip folder, Hugging Face CLIPModel folder or safetensors file"
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="vlp checkpoint (runs/NAME/checkpoints/step_*.pt), or an open_clip file with --model",
+    )
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=("open_clip", "hf", "safetensors"),
+        help="open_clip: open_clip.create_model_and_transforms('local-dir:OUT'); hf: transformers CLIPModel "
+        "(ViT CLIPs only); safetensors: OUT/model.safetensors with vlp's model config in its metadata",
+    )
+    p.add_argument("--out", required=True, help="output folder (created; a non-empty one needs --force)")
+    p.add_argument("--model", help="architecture of an open_clip checkpoint file (vlp checkpoints carry theirs)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder not made by vlp export")
+    p.add_argument("--check", action="store_true", help="reload the export and print max abs differences")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlp", description="vision-language pretraining")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -176,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_negatives(sub)
     _add_eval(sub)
     _add_caption(sub)
+    _add_export(sub)
     return parser
 
 
@@ -331,6 +356,30 @@ def cmd_caption(args) -> int:
     return run_caption_command(args)
 
 
+def cmd_export(args) -> int:
+    from vlp.export import export_checkpoint
+
+    info = export_checkpoint(
+        args.checkpoint, args.format, args.out, model_name=args.model, force=args.force, check=args.check
+    )
+    print(f"vlp: exported {info['architecture']} ({info['source_kind']}) as {args.format} to {args.out}:")
+    print(f"vlp:   {', '.join(info['files'])} (+ export.json)")
+    if info.get("left_out"):
+        print(f"vlp:   left out (no such module in {args.format}): {', '.join(info['left_out'])}")
+    print(f"vlp: load with {info['loads_with']}")
+    parity = info.get("parity")
+    if parity is None:
+        return 0
+    diffs = ", ".join(f"{k} {v:.2e}" for k, v in parity.items() if isinstance(v, float) and k != "max_abs_diff")
+    flags = ", ".join(f"{k} {v}" for k, v in parity.items() if isinstance(v, bool) and k != "ok")
+    print(f"vlp: check: max abs diff {parity['max_abs_diff']:.2e} of normalised features and logit scale")
+    print(f"vlp:   {diffs}; {flags}")
+    if not parity["ok"]:
+        print("vlp export: error: the export does not reproduce the checkpoint (see export.json)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # other libraries log chatty INFO lines on the root logger; vlp's own INFO lines stay visible
@@ -343,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         "negatives": cmd_negatives,
         "eval": cmd_eval,
         "caption": cmd_caption,
+        "export": cmd_export,
     }
     try:
         return handlers[args.command](args)
@@ -364,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             "EvalDataError",
             "UnknownTaskError",
             "GenerationError",
+            "ExportError",
         )
         if type(e).__name__ in known:
             print(f"vlp {args.command}: error: {e}", file=sys.stderr)

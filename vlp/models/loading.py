@@ -6,6 +6,7 @@ to execute code to load is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -121,8 +122,12 @@ def load_model(path_or_name: str, model_name: str | None = None, device: str = "
         load_state_dict_checked(model, extract_state_dict(obj), path, getattr(name, "name", name))
     elif path.is_file():
         obj = read_file(path)
+        exported = None if model_name else _exported_config(path)
         if is_vlp_checkpoint(obj) and not model_name:
             name = _architecture_of(obj, path)  # a ModelConfig: custom towers are rebuilt as trained
+        elif exported is not None:
+            name = dataclasses.replace(exported, pretrained="", vision=dataclasses.replace(exported.vision, weights=""),
+                                       text=dataclasses.replace(exported.text, pretrained=False))  # fmt: skip
         elif not model_name:
             raise CheckpointError(
                 f"{path} is not a vlp checkpoint: pass model_name (the open_clip architecture, e.g. 'ViT-B-32')"
@@ -160,3 +165,10 @@ def _is_deepspeed_dir(path: Path) -> bool:
     from vlp.train.deepspeed_backend import is_deepspeed_checkpoint
 
     return is_deepspeed_checkpoint(path)
+
+
+def _exported_config(path: Path):
+    """The architecture in a ``vlp export --format safetensors`` file's metadata (None otherwise)."""
+    from vlp.export.safetensors_file import exported_model_config
+
+    return exported_model_config(path)
