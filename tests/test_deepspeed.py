@@ -255,3 +255,14 @@ def test_momentum_teacher_under_zero2_matches_single_process(shapes_shards, tmp_
     with weights_only_loads():
         state = torch.load(zero / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt")
     assert int(state["teacher"]["ptr"]) == (3 * 16) % 64  # the queue and its pointer are in the checkpoint
+
+
+def test_mpi_launch_without_rank_variables_is_refused(monkeypatch):
+    from vlp.config import TrainConfig
+    from vlp.train.backends import init_distributed
+
+    for key in ("WORLD_SIZE", "RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="launched by MPI with 4 processes"):
+        init_distributed(TrainConfig(device="cpu"))

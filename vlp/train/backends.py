@@ -68,6 +68,12 @@ def init_distributed(train_cfg) -> DistEnv:
     """Start the process group when launched with several processes; else a single process."""
     _slurm_env()
     world = int(os.environ.get("WORLD_SIZE", 1))
+    mpi = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("PMI_SIZE", 1)))
+    if world == 1 and mpi > 1:  # each process would train alone, all into the same output_dir
+        raise ConfigError(
+            f"launched by MPI with {mpi} processes, but RANK/WORLD_SIZE are not set: use torchrun, srun, or the "
+            "DeepSpeed launcher's default (pdsh) launcher, or export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR"
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = resolve_device(train_cfg.device, local_rank)
     if world > 1 and train_cfg.backend == "single":
