@@ -15,27 +15,8 @@
 #   NPROC=4 launch/accelerate.sh --set data.batch_size=64
 set -euo pipefail
 
-visible_gpus() {
-  if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
-    local ids
-    IFS=, read -ra ids <<<"$CUDA_VISIBLE_DEVICES"
-    echo "${#ids[@]}"
-  elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
-    nvidia-smi -L | grep -c '^GPU'
-  else
-    echo 0
-  fi
-}
-
-run() {
-  if [[ "${DRY_RUN:-0}" == 1 ]]; then
-    local line
-    line=$(printf '%q ' "$@")
-    echo "${line% }"
-    exit 0
-  fi
-  exec "$@"
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 gpus=$(visible_gpus)
 NPROC=${NPROC:-$((gpus > 0 ? gpus : 1))}

@@ -27,15 +27,8 @@
 #     --set train.deepspeed.zero_stage=2
 set -euo pipefail
 
-run() {
-  if [[ "${DRY_RUN:-0}" == 1 ]]; then
-    local line
-    line=$(printf '%q ' "$@")
-    echo "${line% }"
-    exit 0
-  fi
-  exec "$@"
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 CONFIG=${CONFIG:-configs/demo.yaml}
 launcher=()
