@@ -69,31 +69,32 @@ def _truncated(url: str) -> bool:
 
 
 def _shard_samples(url: str, skips: SkipCounter) -> Iterator[dict]:
-    """Samples of one tar shard; a truncated or unreadable shard is counted once and the
-    complete samples before the damage are kept."""
+    """Samples of one tar shard. Damage is counted once per damaged region (``shard_error``) and
+    reading resumes at the next intact member (:mod:`vlp.data.tar_reader`), so only the damaged
+    samples are lost; a shard that cannot be opened is counted once."""
     from webdataset.gopen import gopen
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-    def reraise(exn):
-        raise exn
-
-    def with_url(files):
-        for f in files:
-            f["__url__"] = url
-            yield f
+    from vlp.data.tar_reader import tar_samples
 
     truncated = _truncated(url)
     if truncated:
         skips.add("shard_error", url, "truncated: no end-of-archive marker")
+
+    def on_damage(offset: int, why: str) -> None:
+        if not (truncated and why.startswith("truncated")):
+            skips.add("shard_error", url, f"{why} (byte {offset})" if offset >= 0 else why)
+
     try:
         stream = gopen(url)
-        try:
-            yield from group_by_keys(with_url(tar_file_iterator(stream, handler=reraise)), handler=reraise)
-        finally:
-            stream.close()
     except Exception as exn:  # noqa: BLE001 - any failure of a shard is data, not a bug
-        if not truncated:
-            skips.add("shard_error", url, repr(exn))
+        skips.add("shard_error", url, repr(exn))
+        return
+    try:
+        yield from tar_samples(stream, url, on_damage)
+    except OSError as exn:  # a read error of the file or pipe
+        skips.add("shard_error", url, repr(exn))
+    finally:
+        stream.close()
 
 
 class _SourceReader:
