@@ -58,8 +58,10 @@ def test_negative_generator_never_crashes_and_is_bounded(caption, seed, k):
 @given(caption=CAPTIONS, seed=st.integers(0, 2**31))
 def test_count_parser_never_crashes_and_is_bounded(caption, seed):
     counts = find_counts(caption)
-    assert all(0 <= start < end <= len(caption) and 2 <= value <= 10 or value in (0, 1, *range(11, 10**6))
-               for start, end, value in counts)  # fmt: skip
+    assert len(counts) <= len(caption.split())  # at most one count per word
+    assert all(
+        0 <= start < end <= len(caption) and isinstance(value, int) and value >= 0 for start, end, value in counts
+    )
     cf = counterfactual(caption, random.Random(seed))
     assert cf is None or (cf != caption and len(cf) <= len(caption) + 16)
 
