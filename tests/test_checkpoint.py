@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 from vlp.train.checkpoint import Checkpointer
@@ -43,3 +44,42 @@ def test_leftover_temp_file_is_ignored(tmp_path):
 def test_disabled_rank_writes_nothing(tmp_path):
     Checkpointer(tmp_path / "x", enabled=False).save(1, {"step": 1})
     assert not (tmp_path / "x").exists()
+
+
+def test_bit_flip_is_caught_by_the_checksum(tmp_path, caplog):
+    ck = Checkpointer(tmp_path, keep=3)
+    ck.save(1, {"w": torch.ones(1000)})
+    path = ck.save(2, {"w": torch.full((1000,), 2.0)})
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit inside the tensor data: torch.load alone would not notice
+    path.write_bytes(bytes(data))
+    found, state = ck.load("latest")
+    assert found.name == "step_00000001.pt" and float(state["w"][0]) == 1.0
+    assert "checksum mismatch" in caplog.text
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    ck = Checkpointer(tmp_path, keep=3)
+    ck.save(1, {"w": torch.ones(3)})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        ck.save(2, {"w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001.pt", "step_00000001.pt.sha256"]
+    assert ck.load("latest")[0].name == "step_00000001.pt"
+
+
+def test_unwritable_or_full_output_folder_fails_before_training(tmp_path):
+    from vlp.train.checkpoint import check_writable
+
+    check_writable(tmp_path / "new", need_bytes=1)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="not writable.*train.output_dir"):
+        check_writable(blocker / "sub")
+    with pytest.raises(OSError, match="GiB free, but a checkpoint needs"):
+        check_writable(tmp_path, need_bytes=2**62)

@@ -1,15 +1,18 @@
 """Step checkpoints: written atomically, the newest N kept, a ``latest`` pointer updated last.
 
 A checkpoint file is either complete or absent: it is written to a temporary name, flushed to
-disk (fsync) and renamed. A checkpoint that fails to load (truncated, corrupt) is reported and
-the previous one is used.
+disk (fsync) and renamed; a SHA-256 of its bytes is written beside it (``step_N.pt.sha256``). A
+checkpoint that fails to load (truncated, corrupt, checksum mismatch) is reported and the previous
+one is used. A write that fails (full disk) leaves the previous checkpoints as they were.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -30,14 +33,60 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file, fsync it and rename it to ``path``."""
+    """Call ``write(file)`` on a temporary file, fsync it and rename it to ``path``. If anything
+    fails (a full disk), the temporary file is removed and ``path`` is left as it was."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+class _HashingWriter:
+    """A file wrapper that hashes (SHA-256) what goes through it."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def check_writable(folder: Path, need_bytes: int = 0) -> None:
+    """Fail now, not at the first checkpoint hours later, if ``folder`` cannot take a checkpoint:
+    not creatable, not writable, or less free space than ``need_bytes``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".vlp_write_probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"output folder {folder} is not writable ({e.strerror or e}); set train.output_dir") from None
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise OSError(
+            f"output folder {folder} has {free / 2**30:.2f} GiB free, but a checkpoint needs about "
+            f"{need_bytes / 2**30:.2f} GiB (two must fit while the newer one is written); free space or "
+            "set train.output_dir elsewhere"
+        )
 
 
 class Checkpointer:
@@ -54,14 +103,34 @@ class Checkpointer:
         if not self.enabled:
             return path
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, lambda f: torch.save(state, f))
+        digest = {}
+
+        def write(f):
+            hashing = _HashingWriter(f)
+            torch.save(state, hashing)
+            digest["sha256"] = hashing.sha.hexdigest()
+
+        atomic_write_bytes(path, write)
+        # the checksum lets a load tell a damaged file (bit rot, a partial copy) from a good one
+        atomic_write_bytes(self._sum_path(path), lambda f: f.write(digest["sha256"].encode()))
         atomic_write_bytes(self.folder / "latest", lambda f: f.write(path.name.encode()))
         self._prune()
         return path
 
+    @staticmethod
+    def _sum_path(path: Path) -> Path:
+        return path.with_name(path.name + ".sha256")
+
     def _prune(self) -> None:
         for old in self.list()[: -self.keep]:
             old.unlink(missing_ok=True)
+            self._sum_path(old).unlink(missing_ok=True)
+
+    def verify(self, path: Path) -> None:
+        """Raise CheckpointError if ``path``'s SHA-256 differs from the one written with it."""
+        sums = self._sum_path(Path(path))
+        if sums.is_file() and sums.read_text().strip() != file_sha256(Path(path)):
+            raise CheckpointError(f"{path}: checksum mismatch (the file was damaged after it was written)")
 
     def list(self) -> list[Path]:
         """Complete checkpoints, oldest first (temporary files are ignored)."""
@@ -81,6 +150,7 @@ class Checkpointer:
     def load(self, which: str) -> tuple[Path, dict] | None:
         """Load ``latest`` (falling back to older ones if it is unreadable) or an explicit path."""
         if which != "latest":
+            self.verify(Path(which))
             return Path(which), read_file(which)
         candidates = self.list()
         newest = self.latest()
@@ -88,6 +158,7 @@ class Checkpointer:
             candidates = candidates[: candidates.index(newest) + 1]
         for path in reversed(candidates):
             try:
+                self.verify(path)
                 return path, read_file(path)
             except CheckpointError as e:
                 log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, e)
