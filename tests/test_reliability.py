@@ -204,3 +204,28 @@ def test_invalid_configs_fail_before_reading_data(tmp_path, extra, message):
     lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("vlp train: error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not out.exists()  # nothing written: the run can simply be started again
+
+
+def test_a_failed_periodic_checkpoint_keeps_the_previous_and_training_goes_on(shapes_shards, tmp_path):
+    out = tmp_path / "run"
+    # the 2nd torch.save (step 4) fails as on a full disk; steps 5-6 and the final checkpoint still happen
+    hooks = _env(tmp_path)
+    (tmp_path / "hooks" / "sitecustomize.py").write_text(
+        HOOKS
+        + textwrap.dedent(
+            """
+            import torch
+            _save, _n = torch.save, [0]
+            def _full_disk(obj, f, *a, **k):
+                _n[0] += 1
+                if _n[0] == 2:
+                    raise OSError(28, "No space left on device")
+                return _save(obj, f, *a, **k)
+            torch.save = _full_disk
+            """
+        )
+    )
+    proc = run_cli("train", *_sets(shapes_shards, out), env=hooks)
+    assert "checkpoint at step 4 not written" in proc.stderr and "No space left" in proc.stderr
+    names = sorted(p.name for p in (out / "checkpoints").glob("step_*.pt"))
+    assert names == ["step_00000002.pt", "step_00000006.pt"] and sorted(_losses(out)) == [1, 2, 3, 4, 5, 6]

@@ -28,7 +28,7 @@ def _loader(pattern, *, batch_size=8, rank=0, world=1, workers=0, state=None, tr
         infinite=train,
         **kw,
     )
-    tf = train_transform(64, MEAN, STD) if train else eval_transform(64, MEAN, STD)
+    tf = train_transform(64) if train else eval_transform(64, MEAN, STD)
     return StreamLoader(spec, tf, get_tokenizer("debug"), workers, state)
 
 
@@ -44,7 +44,7 @@ def test_expand_urls_and_sizes(shapes_shards):
 
 def test_batch_layout(shapes_shards):
     batch = next(iter(_loader(shapes_shards["train"], batch_size=4)))
-    assert batch["image"].shape == (4, 3, 64, 64) and batch["image"].dtype == torch.float32
+    assert batch["image"].shape == (4, 3, 64, 64) and batch["image"].dtype == torch.uint8  # normalised on the device
     assert batch["text"].shape == (4, 32) and batch["text"].dtype == torch.long
     assert len(batch["caption"]) == len(batch["json"]) == 4
     assert all("groups" in m for m in batch["json"])

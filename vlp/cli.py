@@ -207,16 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args) -> int:
     from vlp.config import load_config
     from vlp.train import backends
+    from vlp.train.guards import EXIT_PREEMPTED
     from vlp.train.trainer import Trainer
 
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)
     trainer = Trainer(cfg)
     try:
-        trainer.train()
+        summary = trainer.train()
     finally:
         backends.shutdown(trainer.env)
-    return 0
+    return EXIT_PREEMPTED if summary.get("preempted") else 0
 
 
 def cmd_demo(args) -> int:
@@ -399,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"vlp {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "DivergedError":  # the message names the step and the last good checkpoint
+            raise
+        print(f"vlp {args.command}: error: {e}", file=sys.stderr)
+        return 3
     except ImportError as e:
         if type(e).__name__ != "MissingDependencyError":  # an optional package; the message says what to install
             raise

@@ -88,6 +88,21 @@ class ModelConfig:
         "`auto`: when both towers are fully locked, encode the training set once and train the heads on the "
         "cached features (no image augmentation); `off`: always run the towers.",
     )
+    grad_checkpointing: bool = _f(
+        False,
+        "Recompute each transformer block's activations in the backward instead of storing them (open_clip's "
+        "`set_grad_checkpointing`): less activation memory for about a third more compute.",
+    )
+    patch_dropout: float = _f(
+        0.0,
+        "FLIP: fraction of image patch tokens dropped at random in training (0.5-0.75 in the paper; ViT image "
+        "towers of open_clip only); evaluation always sees every patch.",
+    )
+    channels_last: bool = _f(
+        False,
+        "Store convolution weights channels-last (NHWC): convolutional image towers ran ~10% faster on CPU "
+        "(RN50); a ViT's single patchify convolution gains nothing measurable.",
+    )
 
 
 @dataclass
@@ -114,6 +129,11 @@ class DataConfig:
         0, "Epoch length in samples for `train.epochs` (0 = sum of the shards' sizes.json entries)."
     )
     train_crop_scale: list[float] = _f([0.9, 1.0], "RandomResizedCrop scale range for training images.")
+    jpeg_draft: bool = _f(
+        True,
+        "Decode training JPEGs at 1/2, 1/4 or 1/8 scale when every random crop still keeps at least the "
+        "model's input size in pixels (faster; see docs/data.md). false: always decode at full size.",
+    )
     max_image_pixels: int = _f(
         50_000_000, "Images with more pixels are skipped and counted (decompression-bomb guard)."
     )
@@ -235,6 +255,16 @@ class TrainConfig:
     )
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     dist_timeout_s: int = _f(1800, "Timeout of collective operations in seconds (a dead rank fails the others).")
+    compile: bool = _f(
+        False,
+        "`torch.compile` the training forward (not with DeepSpeed). The first steps compile (seconds to "
+        "minutes); measure before use: `tools/bench/train_step.py --compile`, docs/performance.md.",
+    )
+    max_bad_steps: int = _f(
+        10,
+        "Steps with a non-finite loss or gradient norm are skipped and counted; this many in a row stop the run "
+        "naming the last good checkpoint (0 = no check, which saves one host-device sync per step).",
+    )
     output_dir: str = _f("runs/default", "Run folder: config, metrics.jsonl, TensorBoard, checkpoints.")
     seed: int = _f(0, "Seed of the model init, data order and augmentation.")
     checkpoint_every: int = _f(500, "Write a checkpoint every N steps (0 = only at the end).")
@@ -299,6 +329,7 @@ class Config:
         m = self.model
         checks += [
             ("model.embed_dim", m.embed_dim >= 0, "must be >= 0"),
+            ("model.patch_dropout", 0 <= m.patch_dropout < 1, "must be in [0, 1)"),
             ("model.embed_dim", m.name != "custom" or m.embed_dim > 0, "must be > 0 when model.name is custom"),
             (
                 "model.vision.timm_model_name",
@@ -318,6 +349,7 @@ class Config:
             ("train.val_every", self.train.val_every >= 0, "must be >= 0"),
             ("train.early_stopping_patience", self.train.early_stopping_patience >= 0, "must be >= 0"),
             ("train.deepspeed.zero_stage", self.train.deepspeed.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3"),
+            ("train.max_bad_steps", self.train.max_bad_steps >= 0, "must be >= 0"),
         ]
         dl = self.loss.distill
         checks += [

@@ -384,7 +384,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, help="timed steps (default 5; quick 1)")
     p.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's; quick 1)")
     p.add_argument("--retries", type=int, default=0, help="re-run a case while other processes used > 10%% of the CPUs")
-    p.add_argument("--out", type=Path, default=Path("runs/bench/accum.json"), help="JSON report")
+    p.add_argument("--out", "--json", type=Path, default=Path("runs/bench/accum.json"), help="JSON report")
     return p.parse_args(argv)
 
 

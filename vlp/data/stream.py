@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from vlp.data.decode import DecodeOptions, SkipCounter, caption_variant, decode_sample
 from vlp.data.extra_captions import ExtraCaptionSpec, extra_caption_tensors
@@ -234,7 +234,9 @@ class _UniqueBatcher:
 
 
 class ShardStream(IterableDataset):
-    """Batches of ``{"image": Bx3xHxW, "text": BxL, "caption": [str], "json": [dict], ...}``.
+    """Batches of ``{"image": Bx3xHxW, "text": BxL, "caption": [str], "json": [dict], ...}``
+    (``image``: what ``transform`` returns, stacked: uint8 for training, see vlp.data.transforms;
+    ``text``: the batch's captions tokenized in one call).
 
     ``start`` maps a reader slot (worker index) to its saved position; ``slot_offset`` rotates
     which slot DataLoader worker 0 plays (see the module docstring).
@@ -334,7 +336,8 @@ class ShardStream(IterableDataset):
 
     def _collate(self, samples, slot, state, skipped) -> dict:
         captions = [s["text"] for s in samples]
-        images = torch.stack([s["image"] for s in samples]) if samples else torch.empty(0)
+        # default_collate stacks straight into shared memory in a worker: no copy on the way to the main process
+        images = default_collate([s["image"] for s in samples]) if samples else torch.empty(0, dtype=torch.uint8)
         extras = self.spec.extras
         extra = extra_caption_tensors(samples, self.tokenizer, extras) if extras.active else {}
         if extras.sources:
@@ -358,7 +361,14 @@ def _worker_init(_):
 
 
 class StreamLoader:
-    """Iterates a ShardStream through a DataLoader, tracking the position and skipped data."""
+    """Iterates a ShardStream through a DataLoader, tracking the position and skipped data.
+
+    Epochs live inside each reader's one endless iteration, so training iterates a StreamLoader
+    once. Workers are persistent: iterating again reuses them instead of starting new processes,
+    and, as before, every reader starts again from the position the loader was built with (the
+    tracked position is reset with it); ``close()`` stops them (the trainer does when training
+    ends). Batches are pinned when CUDA is available; each worker keeps 4 batches prefetched.
+    """
 
     def __init__(self, spec: StreamSpec, transform, tokenizer, workers: int, state: dict | None = None):
         self.spec, self.workers = spec, workers
@@ -370,6 +380,7 @@ class StreamLoader:
         if state:
             self._restore(state, nslots)
         self.dataset = ShardStream(spec, transform, tokenizer, dict(self.slots), self.next_slot)
+        self._built_at = dict(self.slots), self.next_slot
         self._loader = DataLoader(
             self.dataset,
             batch_size=None,
@@ -377,7 +388,7 @@ class StreamLoader:
             worker_init_fn=_worker_init if workers else None,
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=4 if workers else None,
-            persistent_workers=False,
+            persistent_workers=workers > 0,
         )
 
     def _restore(self, state: dict, nslots: int) -> None:
@@ -402,6 +413,9 @@ class StreamLoader:
 
     def __iter__(self):
         nslots = max(self.workers, 1)
+        if self._loader is None:
+            raise RuntimeError("this StreamLoader was closed")
+        self.slots, self.next_slot = dict(self._built_at[0]), self._built_at[1]
         for batch in self._loader:
             self.slots[batch.pop("_slot")] = batch.pop("_state")
             self.next_slot = (self.next_slot + 1) % nslots
@@ -410,6 +424,14 @@ class StreamLoader:
             if len(batch["caption"]) == 0:
                 continue  # a reader's last message carried only skip counts
             yield batch
+
+    def close(self) -> None:
+        """Stop the worker processes now; persistent ones otherwise live as long as the loader
+        (with their shuffle buffers and prefetched batches). The position stays readable."""
+        loader, self._loader = self._loader, None
+        iterator = getattr(loader, "_iterator", None)  # DataLoader keeps its persistent workers' iterator here
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
     def state_dict(self) -> dict:
         return {

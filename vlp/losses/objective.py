@@ -90,8 +90,8 @@ class Objective:
         """How many items each local term of ``out`` averages over (caption: label tokens; ITM:
         pairs), so that micro-batches combine into the mean over all of them."""
         weights = {}
-        if out.get("labels") is not None:
-            weights["caption"] = float((out["labels"] != PAD_ID).sum())
+        if out.get("labels") is not None:  # a tensor on the device: reading it would be a host sync
+            weights["caption"] = (out["labels"] != PAD_ID).sum().float()
         if out.get("itm_labels") is not None:
             weights["itm"] = float(out["itm_labels"].numel())
         return weights
@@ -144,9 +144,10 @@ def caption_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, pad_id: int 
     """Teacher-forced captioning cross-entropy: mean over the non-padding label tokens.
 
     ``logits_BLV`` predicts ``labels_BL`` position by position (CoCa's output); padding positions
-    are ignored. Raises ValueError when no label token is left.
+    are ignored. Raises ValueError when no label token is left, for CPU tensors; on an accelerator
+    that check would be a host sync in every step, and such a batch gives a NaN loss instead.
     """
-    if not bool((labels_BL != pad_id).any()):
+    if labels_BL.device.type == "cpu" and not bool((labels_BL != pad_id).any()):
         raise ValueError("caption_loss: every label token is padding")
     if logits_BLV.dtype in (torch.float16, torch.bfloat16):
         logits_BLV = logits_BLV.float()

@@ -23,11 +23,10 @@ def _blocks(n: int, tile: int):
 def _tile_logits(rows_rD, cols_cD, scale, exclude_r, col_start):
     logits_rc = scale * (rows_rD @ cols_cD.T)
     if exclude_r is not None:
-        local = exclude_r - col_start
-        hit = (local >= 0) & (local < cols_cD.shape[0])
-        if hit.any():
-            idx = torch.nonzero(hit).squeeze(1)
-            logits_rc[idx, local[idx]] = float("-inf")
+        # a mask, not a data-dependent index: no host sync on a GPU (rows whose column lies
+        # outside this tile match nothing)
+        cols_c = torch.arange(col_start, col_start + cols_cD.shape[0], device=logits_rc.device)
+        logits_rc.masked_fill_(exclude_r[:, None] == cols_c[None, :], float("-inf"))
     return logits_rc
 
 

@@ -127,10 +127,33 @@ def build_model(name, *, pretrained: str = "", device: str | torch.device = "cpu
         from vlp.models.loading import load_weights
 
         load_weights(model, pretrained, model_name=name)
+    apply_model_options(model, mcfg)
     pp = getattr(model.visual, "preprocess_cfg", {}) or {}
     mean = tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
     return model, mean, std
+
+
+def apply_model_options(model: torch.nn.Module, mcfg=None) -> None:
+    """The training options of a ``ModelConfig``: ``patch_dropout``, ``grad_checkpointing``,
+    ``channels_last``. Without a config (a build by name) only the architecture's own patch
+    dropout, if any, is swapped for vlp's sync-free one (:mod:`vlp.models.patch_dropout`).
+
+    Raises:
+        ValueError: patch dropout on an image tower that is not an open_clip ViT, or gradient
+            checkpointing on a model without ``set_grad_checkpointing``.
+    """
+    from vlp.models.patch_dropout import set_patch_dropout
+
+    set_patch_dropout(model, getattr(mcfg, "patch_dropout", 0.0))
+    if mcfg is None:
+        return
+    if mcfg.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ValueError(f"model.grad_checkpointing: {type(model).__name__} has no set_grad_checkpointing")
+        model.set_grad_checkpointing(True)
+    if mcfg.channels_last:
+        model.to(memory_format=torch.channels_last)  # convolution weights only: 4-d tensors
 
 
 def init_multimodal_decoder(decoder: torch.nn.Module) -> None:

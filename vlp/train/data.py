@@ -9,7 +9,7 @@ from vlp.data.extra_captions import ExtraCaptionSpec
 from vlp.data.shardlists import DataConfigError, check_readers, expand_urls, read_sizes
 from vlp.data.stream import StreamLoader, StreamSpec
 from vlp.data.tokenizer import get_tokenizer
-from vlp.data.transforms import train_transform
+from vlp.data.transforms import draft_min_side, train_transform
 from vlp.models.registry import image_size
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,14 @@ def resolve_total_steps(cfg, world: int) -> int:
     return max(1, round(cfg.train.epochs * n / global_batch))
 
 
-def decode_options(data_cfg) -> DecodeOptions:
-    return DecodeOptions(tuple(data_cfg.image_keys), data_cfg.text_key, data_cfg.max_image_pixels)
+def decode_options(data_cfg, draft_min_side: int = 0) -> DecodeOptions:
+    return DecodeOptions(tuple(data_cfg.image_keys), data_cfg.text_key, data_cfg.max_image_pixels, draft_min_side)
 
 
-def build_train_loader(cfg, model, mean, std, env, state=None) -> StreamLoader:
+def build_train_loader(cfg, model, env, state=None) -> StreamLoader:
+    """The training stream: batches with uint8 ``image`` (normalise with ``DeviceNormalize``)."""
     d = cfg.data
+    size = image_size(model)
     sources = train_sources(d)
     for urls in sources:
         check_readers(urls, env.world, d.workers, d.resampled, "data.train_shards")
@@ -59,7 +61,7 @@ def build_train_loader(cfg, model, mean, std, env, state=None) -> StreamLoader:
         world=env.world,
         resampled=d.resampled,
         shuffle_buffer=d.shuffle_buffer,
-        decode=decode_options(d),
+        decode=decode_options(d, draft_min_side(size, d.train_crop_scale) if d.jpeg_draft else 0),
         caption_variants_key=d.caption_variants_key,
         unique_captions=d.unique_captions,
         extras=ExtraCaptionSpec(
@@ -71,5 +73,5 @@ def build_train_loader(cfg, model, mean, std, env, state=None) -> StreamLoader:
             seed=cfg.train.seed,
         ),
     )
-    transform = train_transform(image_size(model), mean, std, d.train_crop_scale)
+    transform = train_transform(size, d.train_crop_scale)
     return StreamLoader(spec, transform, get_tokenizer(cfg.model), d.workers, state)

@@ -20,15 +20,29 @@ def build_optimizer(model: torch.nn.Module, train_cfg) -> torch.optim.Optimizer:
         {"params": decay, "weight_decay": train_cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    on_cuda = next(model.parameters()).is_cuda
+    fused = _fused_supported(next(model.parameters()).device)
     return torch.optim.AdamW(
         groups,
         lr=train_cfg.lr,
         betas=tuple(train_cfg.betas),
         eps=train_cfg.eps,
-        fused=True if on_cuda else None,
-        foreach=None if on_cuda else True,
+        fused=True if fused else None,
+        foreach=None if fused else True,
     )
+
+
+def _fused_supported(device: torch.device) -> bool:
+    """Whether torch has a fused AdamW kernel for ``device`` (CUDA; CPU from torch 2.4).
+
+    The fused kernel updates each parameter in one pass and keeps the step count on the device
+    (no host sync); on CPU it measured 7x faster than ``foreach`` for ViT-B-32's 151M parameters
+    (0.19 s against 1.45 s a step, one thread; docs/performance.md).
+    """
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # older torch: CUDA only
+        return device.type == "cuda"
+    return device.type in _get_fused_kernels_supported_devices()
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:

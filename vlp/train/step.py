@@ -40,10 +40,21 @@ def _set_rng_state(state, device: torch.device) -> None:
 CONSTANT_PREFIX = "teacher_"
 
 
-def _forward(model, batch, device, autocast):
+def move_images(images: torch.Tensor, device) -> torch.Tensor:
+    """The default image input: a preprocessed float tensor, moved. The training stream's uint8
+    batches need the model's normalisation: pass ``images=DeviceNormalize(mean, std)``."""
+    if not images.is_floating_point():
+        raise TypeError(
+            f"batch['image'] is {images.dtype}: uint8 images need forward_backward(images=DeviceNormalize(mean, std))"
+        )
+    return images.to(device, non_blocking=True)
+
+
+def _forward(model, batch, device, autocast, images):
     extras = {k: batch[k].to(device, non_blocking=True) for k in EXTRA_KEYS if k in batch}
+    pixels = images(batch["image"], device)  # uint8 -> normalised float happens here, on the device
     with autocast():
-        out = model(batch["image"].to(device, non_blocking=True), batch["text"].to(device, non_blocking=True), **extras)
+        out = model(pixels, batch["text"].to(device, non_blocking=True), **extras)
     out.update({k: v.to(device) for k, v in batch.items() if k.startswith(CONSTANT_PREFIX)})
     # losses run in fp32 (or the model's own fp64) whatever the autocast dtype
     low = (torch.float16, torch.bfloat16)
@@ -67,29 +78,33 @@ def _backward(loss, engine) -> None:
     engine.step()
 
 
-def forward_backward(model, objective, micro_batches, *, device, autocast, scaler, group=None, engine=None):
+def forward_backward(
+    model, objective, micro_batches, *, device, autocast, scaler, group=None, engine=None, images=move_images
+):
     """Run forward and backward for one optimizer step; returns ``(loss, terms, last_outputs)``.
 
     ``loss`` and ``terms`` are detached; gradients are left in the parameters (scaled when
     ``scaler`` is enabled). With a DeepSpeed ``engine`` (``model`` is the engine), the engine also
     takes the optimizer step; ``scaler`` must then be disabled (the engine scales fp16 losses).
+    ``images(batch["image"], device)`` makes the model's image input
+    (``vlp.data.transforms.DeviceNormalize`` for the training stream's uint8 batches).
     """
     if len(micro_batches) == 1:
-        out = _forward(model, micro_batches[0], device, autocast)
+        out = _forward(model, micro_batches[0], device, autocast, images)
         loss, terms = objective(out, group)
         _backward(scaler.scale(loss), engine)
         return loss.detach(), {k: v.detach() for k, v in terms.items()}, out
-    return _cached_accumulation(model, objective, micro_batches, device, autocast, scaler, group, engine)
+    return _cached_accumulation(model, objective, micro_batches, device, autocast, scaler, group, engine, images)
 
 
-def _cached_accumulation(model, objective, micro_batches, device, autocast, scaler, group, engine):
+def _cached_accumulation(model, objective, micro_batches, device, autocast, scaler, group, engine, images):
     local_keys = getattr(objective, "LOCAL_KEYS", ())
     local_weights = getattr(objective, "local_weights", lambda out: {})
     rng, cached, weights = [], [], []
     with torch.no_grad():
         for batch in micro_batches:
             rng.append(_rng_state(device))
-            out = _forward(model, batch, device, autocast)
+            out = _forward(model, batch, device, autocast, images)
             weights.append(local_weights(out))
             cached.append({k: v for k, v in out.items() if k not in local_keys})  # caption logits: B x L x V
     after_rng = _rng_state(device)
@@ -115,7 +130,7 @@ def _cached_accumulation(model, objective, micro_batches, device, autocast, scal
         last = i == len(micro_batches) - 1
         _set_rng_state(rng[i], device)
         with _no_sync(model, last, engine):
-            out = _forward(model, batch, device, autocast)
+            out = _forward(model, batch, device, autocast, images)
             surrogate = sum((out[k] * split[k][i]).sum() for k in split)
             for k, g in grads.items():
                 if k not in split:

@@ -51,12 +51,14 @@ class TeacherStep:
         d = self.cfg.loss.distill
         return alpha_at(step, self.alpha_warmup, d.alpha) if d.enabled else 0.0
 
-    def with_features(self, micro_batches: list[dict], autocast) -> list[dict]:
-        """Each micro-batch with the teacher's features of the same images and tokens."""
+    def with_features(self, micro_batches: list[dict], autocast, images) -> list[dict]:
+        """Each micro-batch with the teacher's features of the same images and tokens;
+        ``images(batch["image"], device)`` is the student's image input (``DeviceNormalize``)."""
         out, dev = [], self.env.device
         for batch in micro_batches:
+            pixels = images(batch["image"], dev)
             with autocast():
-                img, txt = self.teacher.features(batch["image"].to(dev), batch["text"].to(dev))
+                img, txt = self.teacher.features(pixels, batch["text"].to(dev, non_blocking=True))
             out.append({**batch, "teacher_image_features": img.float(), "teacher_text_features": txt.float()})
         return out
 

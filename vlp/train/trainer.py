@@ -17,7 +17,7 @@ import vlp
 from vlp.config import Config, ConfigError, save_config
 from vlp.data.decode import SKIP_KINDS
 from vlp.data.tokenizer import get_tokenizer
-from vlp.data.transforms import eval_transform
+from vlp.data.transforms import DeviceNormalize, eval_transform
 from vlp.losses import Objective
 from vlp.models.extras import ExtraTexts
 from vlp.models.loading import CHECKPOINT_FORMAT, CheckpointError, load_state_dict_checked
@@ -27,6 +27,7 @@ from vlp.train import backends
 from vlp.train.checkpoint import Checkpointer
 from vlp.train.data import build_train_loader, resolve_total_steps
 from vlp.train.feature_cache import CachedBatches, CachedHeads, build_feature_cache, cache_supported, fingerprint
+from vlp.train.guards import NonFiniteGuard, StopSignals
 from vlp.train.logging import MetricsLogger
 from vlp.train.optim import build_optimizer, build_scheduler
 from vlp.train.step import forward_backward
@@ -56,6 +57,7 @@ class Trainer:
         self.model.to(dev)
         self.tokenizer = get_tokenizer(cfg.model)
         self.eval_preprocess = eval_transform(image_size(self.model), self.mean, self.std)
+        self.normalize = DeviceNormalize(self.mean, self.std)  # training batches' uint8 images, on the device
         self.cached = self._use_feature_cache()
         # with cached trunk features only the heads run in a step; they share the model's parameters
         self.train_module = CachedHeads(self.model) if self.cached else self.model
@@ -63,6 +65,8 @@ class Trainer:
             self.train_module = ExtraTexts(self.model)
         self.ds = t.backend == "deepspeed"
         self.ddp_model = self.train_module if self.ds else backends.wrap_model(self.train_module, self.env)
+        if t.compile:  # the training forward only: evaluation, validation and the teacher run the plain modules
+            self.ddp_model = torch.compile(self.ddp_model)
         self.total_steps = resolve_total_steps(cfg, self.env.world)
         # the teacher copies the fp32 weights before DeepSpeed casts the module to bf16/fp16
         self.teacher_step = TeacherStep(self.model, cfg, self.env) if needs_teacher(cfg.loss) else None
@@ -79,6 +83,8 @@ class Trainer:
         else:
             self.checkpointer = Checkpointer(self.out_dir / "checkpoints", t.keep_checkpoints, self.env.is_main)
         self.step = 0
+        self.guard = NonFiniteGuard(t.max_bad_steps)
+        self.signals = StopSignals()
         self.skipped: Counter = Counter()
         self.eval_results: list[dict] = []
         self.last_eval_step = -1
@@ -124,6 +130,8 @@ class Trainer:
             from vlp.train.deepspeed_backend import check_supported
 
             check_supported(self.cfg, t.deepspeed.zero_stage)
+            if t.compile:
+                raise ConfigError("train.compile is not supported with train.backend=deepspeed")
             if t.val_every and t.deepspeed.zero_stage == 3:
                 raise ConfigError("train.val_every (keep the best weights) is not supported with ZeRO-3; use stage 1/2")
         c = self.cfg.loss.contrastive
@@ -176,7 +184,7 @@ class Trainer:
 
     def _build_loader(self, state):
         if not self.cached:
-            return build_train_loader(self.cfg, self.model, self.mean, self.std, self.env, state)
+            return build_train_loader(self.cfg, self.model, self.env, state)
         e = self.env
         d = self.cfg.data
         cache = self.build_cache(d.train_shards, variants_key=d.caption_variants_key)
@@ -193,6 +201,7 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
     def train(self) -> dict:
+        self._check_output_space()
         data_state = self.maybe_resume()
         self.loader = self._build_loader(data_state)
         self._prepare_output()  # only once every check has passed: a rejected start leaves the run as it was
@@ -201,20 +210,58 @@ class Trainer:
         )
         batches = iter(self.loader)
         t0, seen = time.perf_counter(), 0
-        while self.step < self.total_steps:
-            micro = [next(batches) for _ in range(self.cfg.train.accum_steps)]
-            loss, terms = self.train_step(micro)
-            self.step += 1
-            seen += sum(len(b["caption"]) for b in micro)
-            if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
-                self.log_step(loss, terms, seen / (time.perf_counter() - t0))
-                t0, seen = time.perf_counter(), 0
-            stop = self.validator.due(self.step) and self.validator.run(self.step)
-            self.maybe_evaluate()
-            self.maybe_checkpoint()
-            if stop:
-                break
+        self.signals.install()  # SIGTERM / SIGINT: finish the step, checkpoint, exit (guards.py)
+        try:
+            while self.step < self.total_steps:
+                micro = [next(batches) for _ in range(self.cfg.train.accum_steps)]
+                loss, terms, updated = self.train_step(micro)
+                seen += sum(len(b["caption"]) for b in micro)
+                if updated:  # a skipped (non-finite) step is not a step: the next batch takes its place
+                    self.step += 1
+                    if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
+                        self.log_step(loss, terms, seen / (time.perf_counter() - t0))
+                        t0, seen = time.perf_counter(), 0
+                    stop = self.validator.due(self.step) and self.validator.run(self.step)
+                    self.maybe_evaluate()
+                    self.maybe_checkpoint()
+                    if stop:
+                        break
+                if self.signals.agreed(self.env):
+                    return self.preempted()
+        finally:
+            self.signals.restore()
         return self.finish()
+
+    def preempted(self) -> dict:
+        """A stop signal: checkpoint the last finished step (unless just written) and report."""
+        import signal
+
+        if self.last_checkpoint is None or self.checkpointer.path_for(self.step) != self.last_checkpoint:
+            self.save_checkpoint()
+        self.logger.close()
+        if self.env.is_main:
+            name = signal.Signals(self.signals.received).name if self.signals.received else "a signal on another rank"
+            print(
+                f"vlp: preempted by {name} after step {self.step}: checkpoint {self.last_checkpoint}; "
+                f"continue with --resume latest (outputs in {self.out_dir})",
+                flush=True,
+            )
+        return {"step": self.step, "checkpoint": str(self.last_checkpoint), "output_dir": str(self.out_dir),
+                "preempted": True}  # fmt: skip
+
+    def _check_output_space(self) -> None:
+        """An unwritable or full output folder stops the run now, not at the first checkpoint."""
+        from vlp.train.checkpoint import check_writable
+
+        if not self.env.is_main:
+            return
+        n = sum(p.numel() for p in self.model.parameters())
+        # weights + two AdamW moments (+ a teacher copy) in fp32; two checkpoints coexist during a save
+        need = 2 * 4 * n * (3 + (self.teacher is not None))
+        try:
+            check_writable(self.out_dir / "checkpoints", need)
+        except OSError as e:
+            raise ConfigError(str(e)) from None
 
     def train_step(self, micro_batches) -> tuple[torch.Tensor, dict]:
         self.ddp_model.train()
@@ -227,7 +274,7 @@ class Trainer:
                 check_same_batch(b["image"], self.env.group, device=self.env.device)
         if self.teacher_step is not None:
             self.objective.alpha = self.teacher_step.alpha(self.step)
-            micro_batches = self.teacher_step.with_features(micro_batches, self._autocast)
+            micro_batches = self.teacher_step.with_features(micro_batches, self._autocast, self.normalize)
         loss, terms, out = forward_backward(
             self.ddp_model,
             self.objective,
@@ -237,6 +284,7 @@ class Trainer:
             scaler=self.scaler,
             group=self.env.group,
             engine=self.engine,
+            images=self.normalize,
         )
         # the multiplier the step used (read at log time only: no host sync here; under ZeRO-3 the
         # module's own parameter is a partition outside the forward)
@@ -244,13 +292,23 @@ class Trainer:
         if self.engine is not None:  # the engine clipped, stepped and zeroed; the schedule too
             from vlp.train.deepspeed_backend import clamp_logit_scale
 
+            # DeepSpeed has stepped already: a non-finite loss is detected and counted, not skipped
+            self.guard.step_ok(loss, None, self.step, self.last_checkpoint)
             clamp_logit_scale(self.engine, self.model, self.cfg.train.logit_scale_max)
             if self.teacher_step is not None:
                 self.teacher_step.after_step(self.model, micro_batches)
-            return loss, terms
-        if self.cfg.train.grad_clip > 0:
+            return loss, terms, True
+        grad_norm = None
+        clip = self.cfg.train.grad_clip
+        if clip > 0 or self.guard.enabled:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        # with fp16 loss scaling the scaler itself skips steps with inf/nan gradients; the guard checks the loss
+        checked_norm = None if self.scaler.is_enabled() else grad_norm
+        if not self.guard.step_ok(loss, checked_norm, self.step, self.last_checkpoint):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()
+            return loss, terms, False
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -258,7 +316,7 @@ class Trainer:
             self.model.logit_scale.clamp_(0, math.log(self.cfg.train.logit_scale_max))
         if self.teacher_step is not None:
             self.teacher_step.after_step(self.model, micro_batches)
-        return loss, terms
+        return loss, terms, True
 
     def _autocast(self):
         p = self.cfg.model.precision
@@ -284,6 +342,8 @@ class Trainer:
             "samples_per_s": samples_per_s_rank * self.env.world,
             **{f"data/skipped/{k}": v for k, v in self.skipped.items()},
         }
+        if self.guard.total:
+            metrics["train/skipped_nonfinite"] = self.guard.total
         if self.cfg.loss.distill.enabled:
             metrics["distill/alpha"] = self.objective.alpha
         for source, n in getattr(self.loader, "negative_sources", {}).items():
@@ -317,7 +377,13 @@ class Trainer:
     def maybe_checkpoint(self, force: bool = False) -> None:
         every = self.cfg.train.checkpoint_every
         if force or (every and self.step % every == 0):
-            self.save_checkpoint()
+            try:
+                self.save_checkpoint()
+            except OSError as e:  # a full disk: the previous checkpoints are intact; keep training
+                log.error(
+                    "checkpoint at step %d not written (%s); the previous one (%s) is kept, next attempt at step %d",
+                    self.step, e, self.last_checkpoint, self.step + every,
+                )  # fmt: skip
 
     def save_checkpoint(self) -> Path:
         rng = backends.all_gather_objects(_rng_states(self.env.device), self.env)
@@ -331,6 +397,7 @@ class Trainer:
             "data": data,
             "world": self.env.world,
             "validation": self.validator.state_dict(),
+            "guard": self.guard.state_dict(),
         }
         if self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
@@ -341,9 +408,12 @@ class Trainer:
                 scheduler=self.scheduler.state_dict(),
                 scaler=self.scaler.state_dict(),
             )
-        self.last_checkpoint = self.checkpointer.save(self.step, state)
-        backends.barrier(self.env)
-        return self.last_checkpoint
+        try:
+            path = self.checkpointer.save(self.step, state)
+        finally:  # also when the write failed: the other ranks wait here
+            backends.barrier(self.env)
+        self.last_checkpoint = path
+        return path
 
     def maybe_resume(self) -> dict | None:
         which = self.cfg.train.resume
@@ -364,6 +434,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.validator.load_state_dict(state.get("validation"))
+        self.guard.load_state_dict(state.get("guard"))
         if self.teacher is not None:
             if "teacher" not in state:
                 raise CheckpointError(f"{path}: has no momentum teacher (trained without one); start a new output_dir")
@@ -401,6 +472,7 @@ class Trainer:
         backends.barrier(self.env)
 
     def finish(self) -> dict:
+        getattr(self.loader, "close", lambda: None)()  # the training stream's persistent workers: done
         restored = self.validator.restore_best(self.step)
         # the final checkpoint first: nothing that happens in evaluation can lose the trained weights
         if restored or self.last_checkpoint is None or self.checkpointer.path_for(self.step) != self.last_checkpoint:
@@ -420,6 +492,8 @@ class Trainer:
             print(f"vlp: trained {self.step} steps; outputs in {self.out_dir} (checkpoint {self.last_checkpoint})")
             if summary["skipped"]:
                 print(f"vlp: skipped bad data: {summary['skipped']}")
+            if self.guard.total:
+                print(f"vlp: skipped {self.guard.total} non-finite step(s) (loss or gradients; no update made)")
         return summary
 
 
