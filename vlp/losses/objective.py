@@ -91,7 +91,9 @@ class Objective:
         pairs), so that micro-batches combine into the mean over all of them."""
         weights = {}
         if out.get("labels") is not None:  # a tensor on the device: reading it would be a host sync
-            weights["caption"] = (out["labels"] != PAD_ID).sum().float()
+            logits = out.get("logits")  # counts stay exact: in the loss's own precision (float64 in tests)
+            dtype = logits.dtype if logits is not None and logits.dtype == torch.float64 else torch.float32
+            weights["caption"] = (out["labels"] != PAD_ID).sum().to(dtype)
         if out.get("itm_labels") is not None:
             weights["itm"] = float(out["itm_labels"].numel())
         return weights
