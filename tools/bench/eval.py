@@ -12,8 +12,8 @@ batch size and DataLoader workers:
     torchvision ``ImageFolder`` + ``DataLoader``, per batch: autocast, ``encode_image``,
     normalise, logits, copied to the host) with the preprocessing of
     ``open_clip.create_model_and_transforms``, as its ``load_open_clip`` builds it.
-* prompts/s of the text side (C classes x T templates): vlp ``vlp.eval.zeroshot.build_classifier``
-  against CLIP_benchmark's ``zero_shot_classifier``.
+* prompts/s of the text side (C classes x T templates), the median of R repeats: vlp
+  ``vlp.eval.zeroshot.build_classifier`` against CLIP_benchmark's ``zero_shot_classifier``.
 * agree: vlp's logits (100 x features @ its classifier) equal CLIP_benchmark's to 1e-3.
 
 Precision: fp32 on both sides (CLIP_benchmark with ``amp=False``; vlp's evaluation has no
@@ -24,7 +24,7 @@ Run from the repository root:
     python tools/bench/eval.py --device cuda        # GPU: ViT-B-32, N 8192, B 256, 8 workers
     python tools/bench/eval.py --quick --json /tmp/eval.json    # debug, N 64, seconds
 Other options: --models, --images N, --batch, --workers, --classes C, --repeats R, --threads T,
---retries K. The default CPU run takes about 5 minutes on 2 cores. The table goes to stdout,
+--retries K. The default CPU run takes about 6 minutes on 2 cores. The table goes to stdout,
 progress to stderr; --json PATH writes the rows, the environment and ``ratio_vs_open_clip`` (of
 ViT-B-32 when measured, else of the first model).
 """
@@ -163,7 +163,11 @@ def measure(case: Case, root: str) -> dict:
             for name in list(sides)[:: 1 if r % 2 == 0 else -1]:
                 seconds, outputs[name] = timed(sides[name], len(paths))
                 times[name].append(seconds)
-        text_times = {"vlp": [timed(vlp_text)[0]], "clip_benchmark": [timed(peer_text)[0]]}
+        texts = {"vlp": vlp_text, "clip_benchmark": peer_text}
+        text_times = {name: [] for name in texts}
+        for r in range(case.repeats):
+            for name in list(texts)[:: 1 if r % 2 == 0 else -1]:
+                text_times[name].append(timed(texts[name])[0])
     logits = 100 * outputs["vlp"].to(vlp_classifier.device) @ vlp_classifier
     diff = (logits.float().cpu() - outputs["clip_benchmark"].float()).abs().max().item()
     return {"times_s": times, "text_times_s": text_times, "prompts": len(classnames) * len(templates),
