@@ -57,7 +57,6 @@ import dataclasses
 import functools
 import gc
 import importlib.metadata
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -72,12 +71,12 @@ from tools.bench.common import (
     MIB,
     CpuContention,
     PeakMemory,
-    environment,
     format_table,
-    git_state,
     median,
+    run_environment,
     run_isolated,
     timed,
+    write_json,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -400,14 +399,12 @@ def main(argv=None) -> int:
             print(f"  {case.impl} k={case.accum}: {outcome[case]['status']}", file=sys.stderr)
     rows = sorted(outcome.values(), key=lambda r: (r["accum_steps"], IMPLS.index(r["impl"])))
     ratios = compare(rows)
-    env = environment({"open_clip": importlib.metadata.version("open_clip_torch")})
-    env["vlp_git"] = git_state(REPO, ("vlp/train/step.py",))
-    share = contention.share()
-    env["other_processes_cpu_share"] = None if share is None else round(share, 3)
+    env = run_environment(
+        {"open_clip": importlib.metadata.version("open_clip_torch")}, REPO, ("vlp/train/step.py",), contention
+    )
     report(rows, ratios, env, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"env": env, "args": {**vars(args), "out": str(args.out)}, "rows": rows, "ratios": ratios}
-    args.out.write_text(json.dumps(result, indent=2, default=str))
+    write_json(args.out, result)
     print(f"wrote {args.out.resolve()}")
     return 0
 

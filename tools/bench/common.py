@@ -248,6 +248,22 @@ def environment(extra_versions: dict | None = None) -> dict:
     return env
 
 
+def run_environment(extra_versions: dict | None, repo: Path, git_paths: tuple[str, ...], contention) -> dict:
+    """:func:`environment` plus the git state of ``git_paths`` (``vlp_git``) and the share of the CPUs
+    other processes kept busy while ``contention`` ran (``other_processes_cpu_share``)."""
+    env = environment(extra_versions)
+    env["vlp_git"] = git_state(repo, git_paths)
+    share = contention.share()
+    env["other_processes_cpu_share"] = None if share is None else round(share, 3)
+    return env
+
+
+def write_json(path: Path, obj) -> None:
+    """The benchmark's result as indented JSON (folders created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=str))
+
+
 def _busy_cpu_seconds() -> float | None:
     """CPU seconds the whole machine has spent busy (all but idle and iowait), from /proc/stat."""
     try:

@@ -75,7 +75,7 @@ if __package__ in (None, ""):  # run as a script: make ``tools.bench`` importabl
 
 import PIL.Image
 
-from tools.bench.common import CpuContention, environment, format_table, git_state, median
+from tools.bench.common import CpuContention, format_table, median, run_environment, write_json
 
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = Path(__file__).resolve().parent / "data_runner.py"
@@ -382,10 +382,7 @@ def main(argv=None) -> int:
     contention.start()
     passes = measure(args, shards, peer)
     rows, ratios = summarise(passes, args.workers)
-    env = environment()
-    env["vlp_git"] = git_state(REPO, ("vlp/data", "vlp/train/data.py"))
-    share = contention.share()
-    env["other_processes_cpu_share"] = None if share is None else round(share, 3)
+    env = run_environment(None, REPO, ("vlp/data", "vlp/train/data.py"), contention)
     env["vlp_side"] = next((p["versions"] for p in passes if p["impl"] == "vlp"), {})
     env["open_clip_side"] = next((p["versions"] for p in passes if p["impl"] == "open_clip"), None)
     result = {
@@ -409,8 +406,7 @@ def main(argv=None) -> int:
     }
     report(result)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+        write_json(args.json, result)
         print(f"wrote {args.json.resolve()}")
     return 0
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
-import json
 import logging
 import os
 import sys
@@ -48,7 +47,15 @@ if __package__ in (None, ""):  # run as a script: make ``tools.bench`` importabl
 
 import torch
 
-from tools.bench.common import CpuContention, environment, format_table, git_state, median, run_isolated, synchronize
+from tools.bench.common import (
+    CpuContention,
+    format_table,
+    median,
+    run_environment,
+    run_isolated,
+    synchronize,
+    write_json,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = 0
@@ -319,15 +326,12 @@ def main(argv=None) -> int:
             result, busy = run_quietest(case, written[key], args.retries)
             rows.append(make_row(case, result, busy))
             print(f"  {case.model}: {rows[-1]['status']}", file=sys.stderr)
-    env = environment({"open_clip": importlib.metadata.version("open_clip_torch"),
-                       "clip_benchmark": importlib.metadata.version("clip_benchmark")})  # fmt: skip
-    env["vlp_git"] = git_state(REPO, ("vlp",))
-    share = contention.share()
-    env["other_processes_cpu_share"] = None if share is None else round(share, 3)
+    versions = {"open_clip": importlib.metadata.version("open_clip_torch"),
+                "clip_benchmark": importlib.metadata.version("clip_benchmark")}  # fmt: skip
+    env = run_environment(versions, REPO, ("vlp",), contention)
     result = report(rows, env, args)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+        write_json(args.json, result)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 

@@ -52,7 +52,6 @@ import argparse
 import dataclasses
 import functools
 import importlib.metadata
-import json
 import sys
 import time
 import traceback
@@ -71,13 +70,13 @@ from tools.bench.common import (
     CpuContention,
     PeakMemory,
     available_memory_bytes,
-    environment,
     format_table,
-    git_state,
     median,
+    run_environment,
     run_isolated,
     spawn_gloo,
     timed,
+    write_json,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -526,14 +525,10 @@ def main(argv=None) -> int:
     groups = plan(args)
     outcome = execute(groups, share_process=args.quick and args.world == 1, retries=args.retries)
     rows = [row for cases in groups for row in group_rows(cases, outcome)]
-    env = environment(versions())
-    env["vlp_git"] = git_state(REPO, ("vlp/losses",))
-    share = contention.share()
-    env["other_processes_cpu_share"] = None if share is None else round(share, 3)
+    env = run_environment(versions(), REPO, ("vlp/losses",), contention)
     result = report(rows, env, args)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+        write_json(args.json, result)
     return 0
 
 

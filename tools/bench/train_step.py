@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
-import json
 import logging
 import math
 import sys
@@ -65,7 +64,15 @@ if __package__ in (None, ""):  # run as a script: make ``tools.bench`` importabl
 
 import torch
 
-from tools.bench.common import CpuContention, environment, format_table, git_state, median, run_isolated, synchronize
+from tools.bench.common import (
+    CpuContention,
+    format_table,
+    median,
+    run_environment,
+    run_isolated,
+    synchronize,
+    write_json,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = 0
@@ -456,14 +463,10 @@ def main(argv=None) -> int:
         result, busy = run_quietest(case, args.retries)
         rows.append(make_row(case, result, busy, args))
         print(f"  {case.model}: {rows[-1]['status']}", file=sys.stderr)
-    env = environment({"open_clip": importlib.metadata.version("open_clip_torch")})
-    env["vlp_git"] = git_state(REPO, ("vlp",))
-    share = contention.share()
-    env["other_processes_cpu_share"] = None if share is None else round(share, 3)
+    env = run_environment({"open_clip": importlib.metadata.version("open_clip_torch")}, REPO, ("vlp",), contention)
     result = report(rows, env, args)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+        write_json(args.json, result)
     ok = all(r["status"] == "ok" for r in rows)
     return 0 if ok and not any(math.isnan(r["ratio"]) for r in rows if "ratio" in r) else 1
 
