@@ -142,7 +142,7 @@ def tar_members(f: BinaryIO, on_damage: Callable[[int, str], None]) -> Iterator[
         if len(data) < size:
             on_damage(start, f"truncated: member {name!r} has {len(data)} of {size} bytes")
             return
-        if kind in (b"L",):  # GNU long name of the next member
+        if kind == b"L":  # GNU long name of the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
         elif kind == b"x":  # PAX header of the next member
             long_name = _pax_path(data) or long_name

@@ -126,8 +126,7 @@ def load_model(path_or_name: str, model_name: str | None = None, device: str = "
         if is_vlp_checkpoint(obj) and not model_name:
             name = _architecture_of(obj, path)  # a ModelConfig: custom towers are rebuilt as trained
         elif exported is not None:
-            name = dataclasses.replace(exported, pretrained="", vision=dataclasses.replace(exported.vision, weights=""),
-                                       text=dataclasses.replace(exported.text, pretrained=False))  # fmt: skip
+            name = architecture_only(exported)
         elif not model_name:
             raise CheckpointError(
                 f"{path} is not a vlp checkpoint: pass model_name (the open_clip architecture, e.g. 'ViT-B-32')"
@@ -148,14 +147,18 @@ def load_model(path_or_name: str, model_name: str | None = None, device: str = "
 def _architecture_of(obj: dict, path):
     """The ModelConfig a vlp checkpoint was trained with, set to build the architecture only: the
     checkpoint holds every weight, so tower weight files and the init checkpoint are not read."""
-    import dataclasses
-
     from vlp.config import ConfigError, config_from_dict
 
     try:
         mcfg = config_from_dict(obj["config"], where=str(path)).model
     except (ConfigError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: the config saved in the checkpoint is not readable ({e})") from None
+    return architecture_only(mcfg)
+
+
+def architecture_only(mcfg):
+    """``mcfg`` (a ModelConfig) set to build the architecture without reading any weight file: no
+    init checkpoint, no tower weights (the file being loaded holds every weight)."""
     vision = dataclasses.replace(mcfg.vision, weights="")
     text = dataclasses.replace(mcfg.text, pretrained=False)
     return dataclasses.replace(mcfg, pretrained="", vision=vision, text=text)

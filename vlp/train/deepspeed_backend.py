@@ -153,10 +153,9 @@ def _deepspeed_record_classes() -> list:
         ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
         ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
         ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
-        ("deepspeed.checkpoint.constants", ()),
     ):
         try:
-            mod = __import__(module, fromlist=list(names) or ["__name__"])
+            mod = __import__(module, fromlist=list(names))
         except ImportError:
             continue
         classes += [getattr(mod, n) for n in names if hasattr(mod, n)]

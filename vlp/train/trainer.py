@@ -236,7 +236,7 @@ class Trainer:
         """A stop signal: checkpoint the last finished step (unless just written) and report."""
         import signal
 
-        if self.last_checkpoint is None or self.checkpointer.path_for(self.step) != self.last_checkpoint:
+        if not self._checkpoint_is_current():
             self.save_checkpoint()
         self.logger.close()
         if self.env.is_main:
@@ -248,6 +248,10 @@ class Trainer:
             )
         return {"step": self.step, "checkpoint": str(self.last_checkpoint), "output_dir": str(self.out_dir),
                 "preempted": True}  # fmt: skip
+
+    def _checkpoint_is_current(self) -> bool:
+        """Whether the last checkpoint written is of the current step."""
+        return self.last_checkpoint is not None and self.checkpointer.path_for(self.step) == self.last_checkpoint
 
     def _check_output_space(self) -> None:
         """An unwritable or full output folder stops the run now, not at the first checkpoint."""
@@ -475,7 +479,7 @@ class Trainer:
         getattr(self.loader, "close", lambda: None)()  # the training stream's persistent workers: done
         restored = self.validator.restore_best(self.step)
         # the final checkpoint first: nothing that happens in evaluation can lose the trained weights
-        if restored or self.last_checkpoint is None or self.checkpointer.path_for(self.step) != self.last_checkpoint:
+        if restored or not self._checkpoint_is_current():
             self.save_checkpoint()
         if restored or self.last_eval_step != self.step:  # the same decision on every rank (barriers)
             self.maybe_evaluate(force=True)
