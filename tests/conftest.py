@@ -103,6 +103,54 @@ def run_cli(*args, cwd=None, env=None, timeout=600, check=True) -> subprocess.Co
     return proc
 
 
+def run_main(*args, env=None, check=True) -> subprocess.CompletedProcess:
+    """``vlp ARGS`` in this process (``vlp.cli.main``), for commands whose test needs no process of its
+    own (no signals, torchrun or start-up hooks): the same parsing, dispatch, exit codes and messages as
+    :func:`run_cli` without the 6-7 s of a fresh interpreter importing torch and open_clip. Its stdout,
+    stderr and vlp's log lines (in the CLI's format) are captured; ``env`` is set for the call only."""
+    import contextlib
+    import logging
+
+    from vlp.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    vlp_log = logging.getLogger("vlp")
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    os.environ.update({k: str(v) for k, v in (env or {}).items()})
+    os.chdir(REPO)
+    vlp_log.addHandler(handler)
+    root_handlers = list(logging.root.handlers)  # main's basicConfig must not keep a handler on our buffer
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse errors
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        vlp_log.removeHandler(handler)
+        logging.root.handlers[:] = root_handlers
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    proc = subprocess.CompletedProcess(["vlp", *map(str, args)], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"vlp {args[0]} failed ({code}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The shapes data `vlp demo` makes (train, held-out and eval layouts), made once per session; a
+    test links it as ``<out>/data`` and the demo and replication scripts find it up to date."""
+    from vlp.demo import make_demo_data
+
+    data = tmp_path_factory.mktemp("demo") / "data"
+    make_demo_data(data, 0)
+    return data
+
+
 TINY_WORDS = (  # noqa: SIM905 - a readable vocabulary
     "[PAD] [UNK] [CLS] [SEP] [MASK] a an the of and with , red green blue yellow black white apple dog cat "
     "tree house car star flower drawing illustration icon circle square triangle two three big small"

@@ -10,7 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_main
 from vlp.eval.captioning import MissingDependencyError, caption_scores, normalize_caption
 from vlp.eval.datasets import EvalDataError, load_eval_data
 
@@ -121,7 +121,7 @@ def test_captioning_task_through_vlp_eval(tmp_path):
     assert [e["image"] for e in examples] == [str(tmp_path / n) for n in names]
     assert examples[0]["references"] == ["a red square", "red"] and all(isinstance(e["caption"], str) for e in examples)
 
-    clip = run_cli("eval", "--task", "captioning", "--data", path, "--model", "debug", "--output", out, check=False)
+    clip = run_main("eval", "--task", "captioning", "--data", path, "--model", "debug", "--output", out, check=False)
     assert clip.returncode == 2 and "no text decoder: captioning needs a CoCa model" in clip.stderr
 
 
@@ -140,12 +140,12 @@ def test_vlp_caption_command(tmp_path):
     assert [r["image"] for r in rows] == found and [r["caption"] for r in rows] == [c for _, c in lines]
 
     pattern = str(tmp_path / "img" / "*.png")  # a glob: the top folder only, the broken file included
-    greedy = run_cli("caption", "--model", "coca_debug", "--images", pattern, "--strategy", "greedy", "--output", out)
+    greedy = run_main("caption", "--model", "coca_debug", "--images", pattern, "--strategy", "greedy", "--output", out)
     assert len([line for line in greedy.stdout.splitlines() if "\t" in line]) == 2
 
-    clip = run_cli("caption", "--model", "debug", "--images", tmp_path / "img", "--output", out, check=False)
+    clip = run_main("caption", "--model", "debug", "--images", tmp_path / "img", "--output", out, check=False)
     assert clip.returncode == 2 and "no text decoder: captioning needs a CoCa model" in clip.stderr
-    none = run_cli("caption", "--model", "coca_debug", "--images", tmp_path / "nothing*.png", check=False)
+    none = run_main("caption", "--model", "coca_debug", "--images", tmp_path / "nothing*.png", check=False)
     assert none.returncode == 2 and "no image files matching" in none.stderr
 
 
@@ -179,7 +179,7 @@ def test_two_processes_caption_like_one(tmp_path):
     torch.save(model.state_dict(), ckpt)
     path, _ = write_layout(tmp_path)
     args = ["--task", "captioning", "--data", path, "--model", "coca_debug", "--checkpoint", ckpt, "--workers", "0"]
-    run_cli("eval", *args, "--output", tmp_path / "one.json")
+    run_main("eval", *args, "--output", tmp_path / "one.json")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = torchrun_cmd("vlp.eval", [*args, "--output", tmp_path / "two.json"])
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

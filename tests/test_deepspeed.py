@@ -136,7 +136,8 @@ def test_zero_stages_match_ddp_and_resume(shapes_shards, tmp_path):
     _run(["--config", "configs/demo.yaml", *_sets(shapes_shards, ddp)])
     reference = _losses(ddp)
     assert sorted(reference) == [1, 2, 3]
-    for stage in (1, 2, 3):
+    # ZeRO-1 shards only what ZeRO-2 shards too (optimizer state); it runs in the bf16 test below
+    for stage in (2, 3):
         out = tmp_path / f"zero{stage}"
         proc = _run(
             [

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, run_main
 from tests.distributed import torchrun_cmd
 
 pytestmark = pytest.mark.slow
@@ -69,7 +69,7 @@ def test_every_task_through_the_cli(layouts, debug_ckpt, tmp_path):
 
 def test_two_processes_equal_one(layouts, debug_ckpt, tmp_path):
     one = tmp_path / "one.json"
-    run_cli(*_eval_args(layouts, debug_ckpt, one))
+    run_main(*_eval_args(layouts, debug_ckpt, one))
     two = tmp_path / "two.json"
     cmd = torchrun_cmd("vlp.eval", _eval_args(layouts, debug_ckpt, two)[1:])
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -85,9 +85,9 @@ def test_two_processes_equal_one(layouts, debug_ckpt, tmp_path):
 
 
 def test_unknown_task_and_missing_data_exit_2(debug_ckpt, tmp_path):
-    proc = run_cli("eval", "--task", "zeroshot", "--data", tmp_path, "--model", "debug", check=False)
+    proc = run_main("eval", "--task", "zeroshot", "--data", tmp_path, "--model", "debug", check=False)
     assert proc.returncode == 2 and "unknown eval task 'zeroshot'" in proc.stderr
-    proc = run_cli("eval", "--task", "counting", "--data", tmp_path / "nope.jsonl", "--model", "debug", check=False)
+    proc = run_main("eval", "--task", "counting", "--data", tmp_path / "nope.jsonl", "--model", "debug", check=False)
     assert proc.returncode == 2 and "nope.jsonl" in proc.stderr
 
 
@@ -127,7 +127,7 @@ def test_vit_b_32_state_dict_matches_clip_benchmark(tmp_path, monkeypatch):
     templates = ["a photo of a {c}.", "itap of a {c}.", "a bad photo of the {c}."]
     (tmp_path / "templates.txt").write_text("\n".join(templates) + "\n")
     out = tmp_path / "ours.json"
-    run_cli(
+    run_main(
         "eval",
         "--model",
         "ViT-B-32",

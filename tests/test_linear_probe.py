@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.conftest import png_bytes, run_cli, write_tar
+from tests.conftest import png_bytes, run_cli, run_main, write_tar
 from tests.distributed import run_distributed
 from vlp.eval.datasets import EvalDataError, load_eval_data, load_linear_probe
 from vlp.eval.linear_probe import (
@@ -319,6 +319,6 @@ def test_linear_probe_through_the_cli(tmp_path):
     assert metrics["best_weight_decay"] in WEIGHT_DECAYS
 
     (root / "test" / "classnames.txt").write_text("\n".join(["blue", "green", "purple", "red", "white", "gold"]))
-    proc = run_cli(*args, check=False)
+    proc = run_main(*args, check=False)
     assert proc.returncode == 2
     assert "class names of train/ and test/ must agree: class 5 is 'yellow' in train/ but 'gold'" in proc.stderr

@@ -3,6 +3,8 @@ single-process full-batch reference (fp64, 1e-9), parity with open_clip, tiled n
 
 from __future__ import annotations
 
+import functools
+
 import open_clip
 import pytest
 import torch
@@ -161,7 +163,7 @@ def test_single_process_equals_reference(case):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_distributed_equals_reference(world):
-    per_rank = run_distributed(_rank_run, world)  # one process group for every case (spawning is slow)
+    per_rank = [r["cases"] for r in _distributed(world)]
     for i, case in enumerate(_all_cases(world)):
         _check(case, [r[i] for r in per_rank], world)
 
@@ -185,9 +187,19 @@ def _open_clip_rank(rank, world):
     }
 
 
+def _both_rank(rank, world):
+    return {"cases": _rank_run(rank, world), "open_clip": _open_clip_rank(rank, world)}
+
+
+@functools.cache
+def _distributed(world):
+    """Every case and the open_clip comparison in one process group per world size (spawning is slow)."""
+    return run_distributed(_both_rank, world)
+
+
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_parity_with_open_clip(world):
-    res = [_open_clip_rank(0, 1)] if world == 1 else run_distributed(_open_clip_rank, world)
+    res = [_open_clip_rank(0, 1)] if world == 1 else [r["open_clip"] for r in _distributed(world)]
     # open_clip returns each rank's own rows' loss; ours returns their mean on every rank
     clip_mean = torch.stack([r["clip_theirs"] for r in res]).mean()
     sig_mean = torch.stack([r["sig_theirs"] for r in res]).mean()

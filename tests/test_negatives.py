@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from tests.conftest import png_bytes, run_cli, write_tar
+from tests.conftest import png_bytes, run_cli, run_main, write_tar
 from vlp.data import lexicon as lx
 from vlp.data.negatives import SHUFFLE_TYPES, TYPES, generate, normalize, parse
 from vlp.data.negatives_shards import sample_seed
@@ -347,26 +347,26 @@ def test_negatives_cli_end_to_end(tmp_path):
     assert "hard_negatives" in json.loads(outputs["d-000001.tar"]["000000010.json"])  # json added
 
     mtimes = {name: (out / name).stat().st_mtime_ns for name in inputs}
-    again = run_cli(*args)
+    again = run_main(*args)
     assert "0 shard(s) written, 3 up to date" in again.stdout and "up to date; not rewriting" in again.stderr
     assert {name: (out / name).stat().st_mtime_ns for name in inputs} == mtimes
 
     (out / "d-000001.tar").unlink()  # a lost output is written again, the others are kept
-    third = run_cli(*args)
+    third = run_main(*args)
     assert "1 shard(s) written, 2 up to date" in third.stdout
     assert _members(out / "d-000001.tar") == outputs["d-000001.tar"]  # deterministic
-    changed = run_cli(*args[:-1], 2)  # other parameters: every shard is written again
+    changed = run_main(*args[:-1], 2)  # other parameters: every shard is written again
     assert "3 shard(s) written, 0 up to date" in changed.stdout
 
 
 def test_negatives_cli_errors(tmp_path):
     _input_shards(tmp_path / "in")
     pattern = tmp_path / "in" / "d-{000000..000001}.tar"
-    proc = run_cli("negatives", "--in", pattern, "--out", tmp_path / "o", "--types", "replace_color", check=False)
+    proc = run_main("negatives", "--in", pattern, "--out", tmp_path / "o", "--types", "replace_color", check=False)
     assert proc.returncode == 2 and "replace_attribute" in proc.stderr
-    proc = run_cli("negatives", "--in", pattern, "--out", tmp_path / "in", check=False)
+    proc = run_main("negatives", "--in", pattern, "--out", tmp_path / "in", check=False)
     assert proc.returncode == 2 and "input folder" in proc.stderr
-    proc = run_cli("negatives", "--in", tmp_path / "in" / "nope-{0..1}.tar", "--out", tmp_path / "o", check=False)
+    proc = run_main("negatives", "--in", tmp_path / "in" / "nope-{0..1}.tar", "--out", tmp_path / "o", check=False)
     assert proc.returncode == 2 and "not found" in proc.stderr
-    proc = run_cli("negatives", "--in", pattern, "--out", tmp_path / "o", "--generator", "lm", check=False)
+    proc = run_main("negatives", "--in", pattern, "--out", tmp_path / "o", "--generator", "lm", check=False)
     assert proc.returncode == 2 and "--lm-model" in proc.stderr

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, run_main
 
 from vlp.data.sources import fashion_mnist, openclipart
 from vlp.demo_real import missing_requirements
@@ -29,8 +29,19 @@ FRACTIONS = (
 )
 
 
-def test_quick_real_demo_trains_evaluates_and_reports(tmp_path):
+@pytest.fixture(scope="module")
+def quick_data(tmp_path_factory):
+    """The --quick data converted once for this module: (folder, what make_real_data returned)."""
+    from vlp.demo_real import QUICK, make_real_data
+
+    data = tmp_path_factory.mktemp("lit") / "data"
+    return data, make_real_data(data, QUICK)
+
+
+def test_quick_real_demo_trains_evaluates_and_reports(quick_data, tmp_path):
     out = tmp_path / "lit"
+    out.mkdir()
+    (out / "data").symlink_to(quick_data[0])  # the demo finds it up to date
     proc = run_cli("demo", "--real", "--quick", "--out", out, timeout=900)
     report = json.loads((out / "report.json").read_text())
     for key in FRACTIONS:
@@ -51,7 +62,7 @@ def test_quick_real_demo_trains_evaluates_and_reports(tmp_path):
     assert state["config"]["model"]["name"] == "custom"
     heldout = next((out / "data" / "openclipart" / "heldout").glob("*.tar"))
     result = tmp_path / "eval.json"
-    run_cli("eval", "--checkpoint", report["checkpoint"], "--task", "zeroshot_retrieval", "--data", heldout,
+    run_main("eval", "--checkpoint", report["checkpoint"], "--task", "zeroshot_retrieval", "--data", heldout,
             "--output", result)  # fmt: skip
     saved = json.loads(result.read_text())
     metrics = (saved[0] if isinstance(saved, list) else saved)["metrics"]
@@ -61,13 +72,15 @@ def test_quick_real_demo_trains_evaluates_and_reports(tmp_path):
     assert metrics["text_retrieval_recall@10"] == pytest.approx(report["retrieval_i2t_r10"], abs=0.02)
 
 
-def test_second_run_reuses_the_converted_data(tmp_path):
+def test_second_run_reuses_the_converted_data(quick_data):
     from vlp.demo_real import QUICK, make_real_data
 
-    first = make_real_data(tmp_path, QUICK)
-    again = make_real_data(tmp_path, QUICK)
+    data, first = quick_data
+    stamps = {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file()}
+    again = make_real_data(data, QUICK)
     assert again["train"]["num_samples"] == first["train"]["num_samples"] > 0
-    assert json.loads((tmp_path / "fashion-mnist" / "_info.json").read_text())["num_images"] == {
+    assert {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file()} == stamps  # nothing rewritten
+    assert json.loads((data / "fashion-mnist" / "_info.json").read_text())["num_images"] == {
         "train": 200,
         "test": 100,
     }

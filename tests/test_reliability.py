@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, run_main
 from tests.distributed import free_port
 from vlp.train.guards import EXIT_PREEMPTED
 from vlp.train.logging import read_metrics
@@ -199,7 +199,7 @@ def test_a_dead_rank_does_not_hang_the_others(shapes_shards, tmp_path):
 def test_invalid_configs_fail_before_reading_data(tmp_path, extra, message):
     out = tmp_path / "run"
     shards = {"train": str(tmp_path / "no-such-shard-{000..009}.tar")}  # reading data would fail differently
-    proc = run_cli("train", *_sets(shards, out, *extra), check=False)
+    proc = run_main("train", *_sets(shards, out, *extra), check=False)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("vlp train: error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("name, metric", [("counting", "counting_acc"), ("negatives", "compositional_acc")])
-def test_quick_replication_prints_one_json_object(tmp_path, name, metric):
+def test_quick_replication_prints_one_json_object(demo_data, tmp_path, name, metric):
+    (tmp_path / "data").symlink_to(demo_data)  # reused: the session's demo shards are up to date
     cmd = [sys.executable, f"tools/replicate_{name}.py", "--quick", "--json", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -4,7 +4,9 @@ Each trains the `debug` CLIP of `configs/demo.yaml` on the synthetic shapes twic
 the same data, steps and seed: a baseline, and a variant with one addition (set by ``--set``
 overrides). Both are evaluated on the demo's held-out tasks: zero-shot classification, retrieval,
 compositional (swap/replace attribute/object) and counting (counts 2..6). The script prints a
-table, writes ``<out>/replicate_<name>.json`` and, with ``--json``, prints that JSON object.
+table, writes ``<out>/replicate_<name>.json`` and, with ``--json``, prints that JSON object. The shapes
+data goes to ``<out>/data``; data already there (from an earlier run, or `vlp demo --out` the same
+folder) is reused when it is up to date.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ def parse_args(name: str, default_steps: int = 600) -> argparse.Namespace:
 def _data(out: Path, quick: bool, seed: int) -> None:
     from vlp import demo
 
-    if quick:  # fewer training shards; the held-out sets stay as the demo's
-        demo.TRAIN_SAMPLES = 2000
+    info = out / "data" / "train" / "_info.json"
+    if quick:  # fewer training shards (or those already there); the held-out sets stay as the demo's
+        demo.TRAIN_SAMPLES = json.loads(info.read_text())["num_samples"] if info.is_file() else 2000
     demo.make_demo_data(out / "data", seed)
 
 

@@ -206,12 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from vlp.config import load_config
+
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    cfg = load_config(args.config, overrides)  # a config mistake is reported before torch is even imported
+
     from vlp.train import backends
     from vlp.train.guards import EXIT_PREEMPTED
     from vlp.train.trainer import Trainer
 
-    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    cfg = load_config(args.config, overrides)
     trainer = Trainer(cfg)
     try:
         summary = trainer.train()
