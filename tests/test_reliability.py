@@ -5,6 +5,7 @@ before any data is read. Faults are injected through a ``sitecustomize.py`` on P
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -115,7 +116,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes(shapes_shards, tmp_path):
     latest = (out / "checkpoints" / "latest").read_text()
     step = int(latest.removeprefix("step_").removesuffix(".pt"))
     assert step >= 1 and max(_losses(out)) == step  # the checkpoint is of the last finished step
-    resumed = run_cli("train", *_sets(shapes_shards, out, f"train.steps={step + 2}"), "--resume", "latest")
+    resumed = run_main("train", *_sets(shapes_shards, out, f"train.steps={step + 2}"), "--resume", "latest")
     assert f"(step {step})" in resumed.stdout and max(_losses(out)) == step + 2
 
 
@@ -127,9 +128,32 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous(shapes_shar
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_00000002.pt"
     assert not (ckpts / "step_00000004.pt").exists() and (ckpts / "step_00000004.pt.tmp").exists()
-    resumed = run_cli("train", *_sets(shapes_shards, out), "--resume", "latest")
+    resumed = run_main("train", *_sets(shapes_shards, out), "--resume", "latest")
     assert "(step 2)" in resumed.stdout and sorted(_losses(out)) == [1, 2, 3, 4, 5, 6]
     assert not (ckpts / "step_00000004.pt.tmp").exists() or (ckpts / "step_00000004.pt").exists()
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_sigkill_at_a_random_moment_then_resume_loses_nothing(shapes_shards, tmp_path, seed):
+    """SIGKILL after a random delay (seeded; it lands in a step, a data read or a checkpoint write):
+    the resumed run trains every step exactly once, from the last complete checkpoint."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vlp.cli", "train", *_sets(shapes_shards, out, "train.steps=100000")]
+    env = {**os.environ, **_env(tmp_path)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "metrics.jsonl").is_file():  # training has started
+        time.sleep(0.05)
+    time.sleep(random.Random(seed).uniform(0.0, 2.0))
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL  # killed mid-run, not after the end
+    latest = out / "checkpoints" / "latest"
+    last = int(latest.read_text().removeprefix("step_").removesuffix(".pt")) if latest.exists() else 0
+    resumed = run_main("train", *_sets(shapes_shards, out, f"train.steps={last + 3}"), "--resume", "latest")
+    assert (f"(step {last})" in resumed.stdout) == (last > 0), resumed.stdout
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, last + 4)), (last, steps)  # none lost, none logged twice
 
 
 def test_nonfinite_steps_are_skipped_and_counted(shapes_shards, tmp_path):

@@ -97,25 +97,31 @@ def read_metadata(data: bytes) -> SvgMeta | str:
     return meta
 
 
-def _on_cpu_limit(signum, frame):
-    raise RenderTimeout
-
-
 class _CpuTimeLimit:
-    """Raise RenderTimeout in the block after ``seconds`` of this process's CPU time.
+    """Raise RenderTimeout in the block after ``seconds`` of this process's CPU time; ``fired`` says
+    whether the limit was reached.
 
     CPU time, not wall time: on a loaded machine a wall-clock limit would skip different files
     from run to run. A no-op off the main thread or where there is no SIGPROF (Windows).
+
+    Check ``fired`` after the block, not only the exception: Python runs the signal handler at the
+    next bytecode, and when that is inside a garbage-collector callback or a ``__del__`` the
+    exception is printed and dropped, and the block runs on to its end.
     """
 
     def __init__(self, seconds: float):
         main_thread = threading.current_thread() is threading.main_thread()
         self.active = seconds > 0 and hasattr(signal, "SIGPROF") and main_thread
         self.seconds = seconds
+        self.fired = False
+
+    def _on_limit(self, signum, frame):
+        self.fired = True
+        raise RenderTimeout
 
     def __enter__(self):
         if self.active:
-            self.previous = signal.signal(signal.SIGPROF, _on_cpu_limit)
+            self.previous = signal.signal(signal.SIGPROF, self._on_limit)
             signal.setitimer(signal.ITIMER_PROF, self.seconds)
         return self
 
@@ -159,15 +165,18 @@ def rasterise(data: bytes, size: int, timeout_s: float = 0) -> tuple[str, bytes]
         import cairosvg
     except (ImportError, OSError) as e:  # OSError: cairocffi finds no libcairo
         raise ImportError(CAIROSVG_HINT) from e
+    limit = _CpuTimeLimit(timeout_s)
     try:
-        with _CpuTimeLimit(timeout_s):
+        with limit:
             # unsafe=False (the default): no external files or entities are fetched
             png = cairosvg.svg2png(bytestring=data, output_width=size, output_height=size)
             image = _on_white_square(png, size)
     except RenderTimeout:
         return "timeout"
     except Exception:  # cairosvg raises anything from ValueError to cairo errors on bad input
-        return "render_error"
+        return "timeout" if limit.fired else "render_error"
+    if limit.fired:  # the timeout's exception was swallowed where the handler ran (see _CpuTimeLimit)
+        return "timeout"
     if image.convert("L").getextrema()[0] > BLANK_LEVEL:
         return "blank_render"
     return encode_image(image)
