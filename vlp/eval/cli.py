@@ -39,6 +39,7 @@ def run_eval_command(args) -> int:
         if env.is_main:
             print(format_table(results))
             print(f"vlp eval: results in {write_results(results, out)}")
+        backends.barrier(env)  # every rank done talking before any closes its connections
     finally:
         backends.shutdown(env)
     return 0

@@ -498,6 +498,7 @@ class Trainer:
                 print(f"vlp: skipped bad data: {summary['skipped']}")
             if self.guard.total:
                 print(f"vlp: skipped {self.guard.total} non-finite step(s) (loss or gradients; no update made)")
+        backends.barrier(self.env)  # every rank done talking before any tears down (backends.shutdown)
         return summary
 
 
