@@ -73,8 +73,10 @@ from tools.bench.common import (
     PeakMemory,
     format_table,
     median,
+    print_environment,
     run_environment,
     run_isolated,
+    run_quietest,
     timed,
     write_json,
 )
@@ -84,7 +86,6 @@ IMPLS = ("vlp", "open_clip")
 ACCUM = (1, 4, 16)
 GLOBAL_BATCH = {"full": 256, "quick": 16}
 WARMUP_MICRO = 2
-BUSY_SHARE = 0.1  # --retries: run again while other processes used more of the CPUs than this
 SEED = 0
 
 
@@ -248,23 +249,10 @@ def measure_all(cases: list[Case]) -> list[dict]:
 # in the parent: run cases, compare, report
 
 
-def run_quietest(chunk: list[Case], retries: int):
-    """Results of the chunk in one fresh process and the CPU share others used meanwhile; while
-    that share is above BUSY_SHARE, run again (up to ``retries`` times) and keep the quietest."""
-    best = None
-    for _ in range(retries + 1):
-        contention = CpuContention()
-        contention.start()
-        status, results = run_isolated(measure_all, chunk)
-        if status != "ok":
-            results = [{"status": f"{status}: {results}"} for _ in chunk]
-        busy = contention.share()
-        if best is None or (busy is not None and busy < best[1]):
-            best = (results, busy)
-        if busy is None or busy <= BUSY_SHARE:
-            break
-        print(f"  others used {100 * busy:.0f}% of the CPUs meanwhile", file=sys.stderr)
-    return best
+def isolated_chunk(chunk: list[Case]) -> list[dict]:
+    """The chunk's results from one fresh process; where that process fails, its status for every case."""
+    status, results = run_isolated(measure_all, chunk)
+    return results if status == "ok" else [{"status": f"{status}: {results}"} for _ in chunk]
 
 
 def make_row(case: Case, result: dict, busy: float | None) -> dict:
@@ -340,11 +328,9 @@ def display(row: dict) -> dict:
 
 
 def report(rows: list[dict], ratios: list[dict], env: dict, args) -> None:
-    print(" | ".join(f"{k} {v}" for k, v in env.items() if k not in ("vlp_git", "other_processes_cpu_share")))
     git = env["vlp_git"]
-    print(f"vlp commit {git['commit']}; vlp/train/step.py {'changed' if git['changed'] else 'as committed'}")
-    if env["other_processes_cpu_share"] is not None:
-        print(f"other processes kept {100 * env['other_processes_cpu_share']:.0f}% of the CPUs busy during the run")
+    changed = "changed" if git["changed"] else "as committed"
+    print_environment(env, f"vlp commit {git['commit']}; vlp/train/step.py {changed}")
     first = rows[0]
     methods = ", ".join(sorted({r["mem_method"] for r in rows if "mem_method" in r})) or "n/a"
     print(f"model {first['model']} on {first['device']}, {first['precision']}, global batch {first['global_batch']}")
@@ -393,7 +379,7 @@ def main(argv=None) -> int:
     contention.start()
     outcome = {}
     for chunk in plan(args):
-        results, busy = run_quietest(chunk, args.retries)
+        results, busy = run_quietest(isolated_chunk, chunk, retries=args.retries)
         for case, result in zip(chunk, results):
             outcome[case] = make_row(case, result, busy)
             print(f"  {case.impl} k={case.accum}: {outcome[case]['status']}", file=sys.stderr)

@@ -26,6 +26,7 @@ import resource
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -296,6 +297,45 @@ class CpuContention:
         foreign = (busy - self._busy) - (_own_cpu_seconds() - self._own)
         capacity = (time.perf_counter() - self._wall) * (os.cpu_count() or 1)
         return min(max(foreign / capacity, 0.0), 1.0)
+
+
+BUSY_SHARE = 0.1  # --retries: run again while other processes used more of the CPUs than this
+
+
+def isolated_or_status(fn, *args) -> dict:
+    """``fn(*args)`` (a dict with a ``status``) in a fresh process; where that process fails,
+    ``{"status": "<how>: <detail>"}``."""
+    status, result = run_isolated(fn, *args)
+    return result if status == "ok" else {"status": f"{status}: {result}"}
+
+
+def run_quietest(fn, *args, retries: int):
+    """``(fn(*args), busy)``: ``busy`` is the share of the CPUs other processes used meanwhile. While
+    it is above BUSY_SHARE, call ``fn`` again, up to ``retries`` more times, and keep the quietest."""
+    best = None
+    for _ in range(retries + 1):
+        contention = CpuContention()
+        contention.start()
+        result = fn(*args)
+        busy = contention.share()
+        if best is None or (busy is not None and busy < best[1]):
+            best = (result, busy)
+        if busy is None or busy <= BUSY_SHARE:
+            break
+        print(f"  others used {100 * busy:.0f}% of the CPUs meanwhile", file=sys.stderr)
+    return best
+
+
+def print_environment(env: dict, git_line: str | None = None, hide: tuple[str, ...] = (), share_note: str = "") -> None:
+    """The report's header: the environment on one line, then ``git_line``, then the share of the
+    CPUs other processes kept busy (with ``share_note`` after it)."""
+    hidden = {"vlp_git", "other_processes_cpu_share", *hide}
+    print(" | ".join(f"{k} {v}" for k, v in env.items() if k not in hidden))
+    if git_line is not None:
+        print(git_line)
+    share = env.get("other_processes_cpu_share")
+    if share is not None:
+        print(f"other processes kept {100 * share:.0f}% of the CPUs busy during the run{share_note}")
 
 
 def git_state(repo: Path, paths: tuple[str, ...] = ()) -> dict:

@@ -75,7 +75,7 @@ if __package__ in (None, ""):  # run as a script: make ``tools.bench`` importabl
 
 import PIL.Image
 
-from tools.bench.common import CpuContention, format_table, median, run_environment, write_json
+from tools.bench.common import CpuContention, format_table, median, print_environment, run_environment, write_json
 
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = Path(__file__).resolve().parent / "data_runner.py"
@@ -290,10 +290,7 @@ def summarise(passes: list[dict], workers: list[int]) -> tuple[list[dict], list[
 
 def report(result: dict) -> None:
     env = result["env"]
-    print(" | ".join(f"{k} {v}" for k, v in env.items() if k not in ("other_processes_cpu_share", "vlp_git", "peer")))
-    share = env.get("other_processes_cpu_share")
-    if share is not None:
-        print(f"other processes kept {100 * share:.0f}% of the CPUs busy during the run")
+    print_environment(env, hide=("peer",))
     a = result["args"]
     d = result["data"]
     print(f"{a['images']} JPEGs of {d['px'][0]}-{d['px'][1]} px (quality {d['quality']}, {d['kib_per_image']:.0f} KiB, "

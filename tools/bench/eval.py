@@ -50,16 +50,17 @@ import torch
 from tools.bench.common import (
     CpuContention,
     format_table,
+    isolated_or_status,
     median,
+    print_environment,
     run_environment,
-    run_isolated,
+    run_quietest,
     synchronize,
     write_json,
 )
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = 0
-BUSY_SHARE = 0.1
 HEADLINE_MODEL = "ViT-B-32"
 TEMPLATES = "imagenet-simple"  # open_clip's 7
 DEFAULTS = {  # (images, batch, repeats)
@@ -245,13 +246,9 @@ def headline(rows: list[dict]) -> dict:
 
 
 def report(rows: list[dict], env: dict, args) -> dict:
-    print(" | ".join(f"{k} {v}" for k, v in env.items() if k not in ("vlp_git", "other_processes_cpu_share")))
     git = env["vlp_git"]
     changed = f"{len(git['changed'])} files changed" if git["changed"] else "as committed"
-    print(f"vlp commit {git['commit']}; {changed}")
-    share = env["other_processes_cpu_share"]
-    if share is not None:
-        print(f"other processes kept {100 * share:.0f}% of the CPUs busy during the run")
+    print_environment(env, f"vlp commit {git['commit']}; {changed}")
     first = rows[0]
     print(f"{first['device']}, fp32, {first['workers']} DataLoader workers, {first['classes']} classes x 7 templates; "
           "median of the repeats")  # fmt: skip
@@ -292,23 +289,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run_quietest(case: Case, root: str, retries: int) -> tuple[dict, float | None]:
-    best = None
-    for _ in range(retries + 1):
-        contention = CpuContention()
-        contention.start()
-        status, result = run_isolated(measure_or_error, case, root)
-        if status != "ok":
-            result = {"status": f"{status}: {result}"}
-        busy = contention.share()
-        if best is None or (busy is not None and best[1] is not None and busy < best[1]):
-            best = (result, busy)
-        if busy is None or busy <= BUSY_SHARE:
-            break
-        print(f"  others used {100 * busy:.0f}% of the CPUs meanwhile", file=sys.stderr)
-    return best
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")  # CLIP_benchmark's progress bars (inherited by the measuring process)
@@ -323,7 +303,7 @@ def main(argv=None) -> int:
                 written[key] = str(Path(tmp) / f"{case.images}x{case.classes}")
                 write_images(Path(written[key]), case.images, case.classes)
             print(f"  {case.model}: {case.images} images, batch {case.batch} on {case.device} ...", file=sys.stderr)
-            result, busy = run_quietest(case, written[key], args.retries)
+            result, busy = run_quietest(isolated_or_status, measure_or_error, case, written[key], retries=args.retries)
             rows.append(make_row(case, result, busy))
             print(f"  {case.model}: {rows[-1]['status']}", file=sys.stderr)
     versions = {"open_clip": importlib.metadata.version("open_clip_torch"),

@@ -66,14 +66,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tools.bench.common import (
+    BUSY_SHARE,
     MIB,
     CpuContention,
     PeakMemory,
     available_memory_bytes,
     format_table,
     median,
+    print_environment,
     run_environment,
     run_isolated,
+    run_quietest,
     spawn_gloo,
     timed,
     write_json,
@@ -83,7 +86,6 @@ REPO = Path(__file__).resolve().parents[2]
 DIM, SCALE, SEED = 512, 100.0, 0
 LOSS_RTOL, GRAD_RTOL = 1e-4, 1e-3
 WARMUP_ROWS = 256
-BUSY_SHARE = 0.1  # --retries: run again while other processes used more of the CPUs than this
 SINGLE_IMPLS = ("vlp gather", "vlp tiled", "open_clip")
 WORLD_IMPLS = ("vlp gather", "vlp tiled", "vlp grouped", "open_clip local", "open_clip non-local")
 REFERENCE = {"single": "open_clip", "gloo": "open_clip local"}
@@ -257,23 +259,6 @@ def run_chunk(chunk: list[Case]) -> list[tuple[str, list[dict]]]:
     return out
 
 
-def run_quietest(chunk: list[Case], retries: int):
-    """``run_chunk`` and the share of the CPUs other processes used meanwhile; while that share
-    is above BUSY_SHARE, run it again, up to ``retries`` more times, and keep the quietest run."""
-    best = None
-    for _ in range(retries + 1):
-        contention = CpuContention()
-        contention.start()
-        results = run_chunk(chunk)
-        busy = contention.share()
-        if best is None or (busy is not None and busy < best[1]):
-            best = (results, busy)
-        if busy is None or busy <= BUSY_SHARE:
-            break
-        print(f"  others used {100 * busy:.0f}% of the CPUs meanwhile", file=sys.stderr)
-    return best
-
-
 def execute(groups: list[list[Case]], share_process: bool, retries: int = 0) -> dict:
     """Run every case, each in fresh processes, or (``share_process``) every size of an impl in
     one process, smallest first. Returns {case: (status, per-rank results, busy share)}, the busy
@@ -285,7 +270,7 @@ def execute(groups: list[list[Case]], share_process: bool, retries: int = 0) -> 
         chunks = [[case] for case in cases]
     outcome = {}
     for chunk in chunks:
-        results, busy = run_quietest(chunk, retries)
+        results, busy = run_quietest(run_chunk, chunk, retries=retries)
         for case, (status, ranks) in zip(chunk, results):
             outcome[case] = (status, ranks, busy)
             where = f"{case.mode} W={case.world} N={case.global_n} {case.impl}"
@@ -478,14 +463,12 @@ def versions() -> dict:
 
 def report(rows: list[dict], env: dict, args) -> dict:
     headline = headline_ratios(rows)
-    print(" | ".join(f"{k} {v}" for k, v in env.items() if k not in ("other_processes_cpu_share", "vlp_git")))
     git = env["vlp_git"]
     changed = f"changed: {', '.join(git['changed'])}" if git["changed"] else "as committed"
-    print(f"vlp commit {git['commit']}; vlp/losses {changed}")
     share = env["other_processes_cpu_share"]
-    if share is not None:
-        slowed = " (timings are slowed by that; see the last column)" if share > BUSY_SHARE / 2 else ""
-        print(f"other processes kept {100 * share:.0f}% of the CPUs busy during the run{slowed}")
+    busy = share is not None and share > BUSY_SHARE / 2
+    slowed = " (timings are slowed by that; see the last column)" if busy else ""
+    print_environment(env, f"vlp commit {git['commit']}; vlp/losses {changed}", share_note=slowed)
     print(f"D={args.dim} logit_scale={SCALE} tile={args.tile} group_size={args.group_size} fp32")
     print(f"peak memory: {mem_note(rows)}")
     print(format_table([display(r) for r in rows], COLUMNS, right=4))

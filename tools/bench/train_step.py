@@ -67,16 +67,17 @@ import torch
 from tools.bench.common import (
     CpuContention,
     format_table,
+    isolated_or_status,
     median,
+    print_environment,
     run_environment,
-    run_isolated,
+    run_quietest,
     synchronize,
     write_json,
 )
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = 0
-BUSY_SHARE = 0.1
 HEADLINE_MODEL = "ViT-B-32"
 # dense bf16 tensor-core peaks, TFLOP/s, matched against torch.cuda.get_device_name (first match wins)
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4), ("A100", 312.0))
@@ -373,13 +374,9 @@ def display(row: dict) -> dict:
 
 
 def report(rows: list[dict], env: dict, args) -> dict:
-    print(" | ".join(f"{k} {v}" for k, v in env.items() if k not in ("vlp_git", "other_processes_cpu_share")))
     git = env["vlp_git"]
     changed = f"{len(git['changed'])} files changed" if git["changed"] else "as committed"
-    print(f"vlp commit {git['commit']}; {changed}")
-    share = env["other_processes_cpu_share"]
-    if share is not None:
-        print(f"other processes kept {100 * share:.0f}% of the CPUs busy during the run")
+    print_environment(env, f"vlp commit {git['commit']}; {changed}")
     first = rows[0]
     options = [f"grad_checkpointing={first['grad_checkpointing']}", f"patch_dropout={first['patch_dropout']}",
                f"compile={first['compile']}", *args.set]  # fmt: skip
@@ -436,23 +433,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run_quietest(case: Case, retries: int) -> tuple[dict, float | None]:
-    best = None
-    for _ in range(retries + 1):
-        contention = CpuContention()
-        contention.start()
-        status, result = run_isolated(measure_or_error, case)
-        if status != "ok":
-            result = {"status": f"{status}: {result}"}
-        busy = contention.share()
-        if best is None or (busy is not None and best[1] is not None and busy < best[1]):
-            best = (result, busy)
-        if busy is None or busy <= BUSY_SHARE:
-            break
-        print(f"  others used {100 * busy:.0f}% of the CPUs meanwhile", file=sys.stderr)
-    return best
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     contention = CpuContention()
@@ -460,7 +440,7 @@ def main(argv=None) -> int:
     rows = []
     for case in plan(args):
         print(f"  {case.model} B={case.batch} on {case.device} ...", file=sys.stderr)
-        result, busy = run_quietest(case, args.retries)
+        result, busy = run_quietest(isolated_or_status, measure_or_error, case, retries=args.retries)
         rows.append(make_row(case, result, busy, args))
         print(f"  {case.model}: {rows[-1]['status']}", file=sys.stderr)
     env = run_environment({"open_clip": importlib.metadata.version("open_clip_torch")}, REPO, ("vlp",), contention)
