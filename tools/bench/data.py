@@ -5,7 +5,8 @@ decode, random resized crop to 224, tensor conversion, tokenization, batching, w
 transfer) at 0, 1 and 2 DataLoader workers, batch 64, one process each:
 
 * vlp: the loader ``vlp train`` builds (``vlp.train.data.build_train_loader``: JPEGs decoded at
-  reduced scale when the crop allows, uint8 batches, one tokenizer call per batch). Its batches
+  reduced scale when the crop allows, the crop resized by torch's uint8 bicubic kernel, uint8
+  batches, one tokenizer call per batch). Its batches
   are normalised on the training device (``DeviceNormalize``; microseconds on a GPU); what that
   costs when the device is the CPU is timed apart and shown as a second, serial estimate: vlp
   images/s with CPU normalisation = 1 / (1 / rate + normalise seconds per image) (exact with 0
@@ -50,7 +51,8 @@ Run from the repository root:
     python tools/bench/data.py                          # 2000 JPEGs, 0/1/2 workers, 3 repeats
     python tools/bench/data.py --quick --json /tmp/data.json
 Other options: --images N, --batches K, --batch B, --repeats R, --workers W ..., --quality Q,
---noise S, --threads T, --no-draft (vlp decodes at full size), --no-peer (vlp only). The table goes
+--noise S, --threads T, --no-draft (vlp decodes at full size), --pil-resize (vlp resizes with Pillow,
+as open_clip: data.train_resize=pil), --no-peer (vlp only). The table goes
 to stdout, progress to stderr.
 """
 
@@ -232,6 +234,7 @@ def run_side(python: str, impl: str, shards: str, workers: list[int], args, repe
     cmd += ["--batches", str(args.batches), "--batch", str(args.batch), "--size", str(args.size)]
     cmd += ["--repeats", str(repeats), "--threads", str(args.threads)]
     cmd += ["--no-draft"] if args.no_draft and impl == "vlp" else []
+    cmd += ["--pil-resize"] if args.pil_resize and impl == "vlp" else []
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if impl == "vlp":
         env["PYTHONPATH"] = str(REPO)
@@ -354,6 +357,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, help="passes per (impl, workers) (default 3; quick 1)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts")
     p.add_argument("--no-draft", action="store_true", help="vlp decodes JPEGs at full size (data.jpeg_draft=false)")
+    p.add_argument("--pil-resize", action="store_true", help="vlp resizes crops with Pillow (data.train_resize=pil)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each loader process (0: torch's default)")
     p.add_argument("--no-peer", action="store_true", help="time vlp only")
     p.add_argument("--shard-dir", type=Path, default=CACHE / "shards", help="where the benchmark shards are kept")

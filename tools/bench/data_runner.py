@@ -33,7 +33,7 @@ SCALE = (0.9, 1.0)  # open_clip's default train crop scale, and vlp's data.train
 MODEL = "ViT-B-32"  # the tokenizer both sides use (open_clip's SimpleTokenizer, 77 tokens)
 
 
-def vlp_loader(pattern: str, workers: int, batch: int, size: int, draft: bool):
+def vlp_loader(pattern: str, workers: int, batch: int, size: int, draft: bool, resize: str = "torch"):
     """The loader ``vlp train`` builds (vlp.train.data.build_train_loader) for this data."""
     from vlp.config import Config
     from vlp.train.backends import DistEnv
@@ -43,7 +43,7 @@ def vlp_loader(pattern: str, workers: int, batch: int, size: int, draft: bool):
     cfg.model.name = MODEL
     cfg.data.train_shards = [pattern]
     cfg.data.batch_size, cfg.data.workers = batch, workers
-    cfg.data.train_crop_scale, cfg.data.jpeg_draft = list(SCALE), draft
+    cfg.data.train_crop_scale, cfg.data.jpeg_draft, cfg.data.train_resize = list(SCALE), draft, resize
     model = SimpleNamespace(visual=SimpleNamespace(image_size=size))  # all the builder reads of a model
     loader = build_train_loader(cfg, model, DistEnv())
 
@@ -101,7 +101,8 @@ def _cpu_seconds(who) -> float:
 
 def timed_pass(impl: str, args, workers: int) -> dict:
     if impl == "vlp":
-        make = vlp_loader(args.shards, workers, args.batch, args.size, not args.no_draft)
+        resize = "pil" if args.pil_resize else "torch"
+        make = vlp_loader(args.shards, workers, args.batch, args.size, not args.no_draft, resize)
     else:
         make = open_clip_loader(args.shards, workers, args.batch, args.size, args.batch * args.batches)
     taken, first = 0, None
@@ -164,6 +165,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=1, help="passes per worker count")
     p.add_argument("--no-draft", action="store_true", help="vlp: decode JPEGs at full size")
+    p.add_argument("--pil-resize", action="store_true", help="vlp: resize crops with Pillow (data.train_resize=pil)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process (0: torch's default)")
     args = p.parse_args(argv)
     if args.threads:

@@ -73,5 +73,5 @@ def build_train_loader(cfg, model, env, state=None) -> StreamLoader:
             seed=cfg.train.seed,
         ),
     )
-    transform = train_transform(size, d.train_crop_scale)
+    transform = train_transform(size, d.train_crop_scale, d.train_resize)
     return StreamLoader(spec, transform, get_tokenizer(cfg.model), d.workers, state)
