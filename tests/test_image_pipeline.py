@@ -87,7 +87,10 @@ def test_stream_batches_normalised_equal_the_float_stream(shapes_shards):
     float_tf = open_clip.image_transform(64, is_train=True, mean=MEAN, std=STD, aug_cfg={"scale": (0.9, 1.0)})
     tok = get_tokenizer("debug")
     old = StreamLoader(StreamSpec(batch_size=8, seed=2, shuffle_buffer=20, **spec), float_tf, tok, workers=0)
-    loader = lambda tf: StreamLoader(StreamSpec(batch_size=8, seed=2, shuffle_buffer=20, **spec), tf, tok, 0)  # noqa: E731
+
+    def loader(transform):
+        return StreamLoader(StreamSpec(batch_size=8, seed=2, shuffle_buffer=20, **spec), transform, tok, 0)
+
     new, fast = loader(train_transform(64, resize="pil")), loader(train_transform(64))
     normalize, level = DeviceNormalize(MEAN, STD), 1 / 255 / min(STD) + 1e-6  # one uint8 level, normalised
     for a, b, c in itertools.islice(zip(old, new, fast), 4):

@@ -49,18 +49,20 @@ class TrainCrop:
     seed). The box is then cut from the image's pixels without a copy and resized by
     ``F.interpolate(mode="bicubic", antialias=True)`` on uint8, which computes Pillow's bicubic
     filter with integer SIMD arithmetic: about 1% of the pixels differ from Pillow's, by one level
-    of 255 (two at a few sharp edges), and resizing takes about 5x less time (``tools/bench/data.py``). The result is a
-    channels-last view (3 x S x S over S x S x 3 memory); the batch's collate makes it contiguous.
+    of 255 (two at a few sharp edges), and resizing takes about 5x less time
+    (``tools/bench/data.py``). The result is a channels-last view (3 x S x S over S x S x 3
+    memory); the batch's collate makes it contiguous.
     """
 
     def __init__(self, size: int, crop_scale: Sequence[float] = (0.9, 1.0)):
-        self.size, self.scale = int(size), (float(crop_scale[0]), float(crop_scale[1]))
-
-    def __call__(self, image) -> torch.Tensor:
         from torchvision.transforms import RandomResizedCrop
 
+        self.size, self.scale = int(size), (float(crop_scale[0]), float(crop_scale[1]))
+        self._box = RandomResizedCrop.get_params  # resolved once, not per image
+
+    def __call__(self, image) -> torch.Tensor:
         image = _rgb(image)
-        top, left, h, w = RandomResizedCrop.get_params(image, self.scale, CROP_RATIO)
+        top, left, h, w = self._box(image, self.scale, CROP_RATIO)
         with warnings.catch_warnings():  # Pillow's array is read-only, and nothing here writes to it
             warnings.simplefilter("ignore", UserWarning)
             pixels = torch.from_numpy(np.asarray(image))
@@ -76,8 +78,8 @@ def train_transform(size: int, crop_scale: Sequence[float] = (0.9, 1.0), resize:
     """PIL image -> uint8 tensor 3xSxS: random resized crop of ``crop_scale`` area, bicubic.
 
     ``resize="torch"`` (default): :class:`TrainCrop`, within two levels of 255 of open_clip's
-    pixels (most within none) and several times faster. ``resize="pil"``: Pillow's resize, the same random numbers
-    and the same pixels as open_clip's training transform
+    pixels (most within none) and several times faster. ``resize="pil"``: Pillow's resize, the
+    same random numbers and the same pixels as open_clip's training transform
     (``open_clip.image_transform(S, is_train=True, aug_cfg={"scale": ...})``):
     ``DeviceNormalize`` of the result equals open_clip's float output exactly.
     """
