@@ -10,7 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli, run_main
+from tests.conftest import run_main
 from vlp.eval.captioning import MissingDependencyError, caption_scores, normalize_caption
 from vlp.eval.datasets import EvalDataError, load_eval_data
 
@@ -110,7 +110,7 @@ def test_captioning_task_through_vlp_eval(tmp_path):
     path, names = write_layout(tmp_path)
     out = tmp_path / "res.json"
     args = ["eval", "--task", "captioning", "--data", path, "--model", "coca_debug", "--output", out]
-    proc = run_cli(*args, "--workers", "0", "--batch-size", "2")
+    proc = run_main(*args, "--workers", "0", "--batch-size", "2")
     assert "bleu4" in proc.stdout and "cider" in proc.stdout and f"results in {out}" in proc.stdout
     result = json.loads(out.read_text())
     metrics = result["metrics"]
@@ -129,7 +129,7 @@ def test_captioning_task_through_vlp_eval(tmp_path):
 def test_vlp_caption_command(tmp_path):
     _, names = write_layout(tmp_path)
     out = tmp_path / "out" / "captions.json"
-    proc = run_cli("caption", "--model", "coca_debug", "--images", tmp_path / "img", "--output", out, "--workers", "0")
+    proc = run_main("caption", "--model", "coca_debug", "--images", tmp_path / "img", "--output", out, "--workers", "0")
     found = sorted(str(tmp_path / n) for n in names)  # the folder's images, sorted, recursively
     lines = [line.split("\t") for line in proc.stdout.splitlines() if "\t" in line]
     assert [path for path, _ in lines] == found

@@ -6,7 +6,7 @@ import json
 
 from PIL import Image
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_main
 from vlp.config import load_config
 from vlp.train.data import resolve_total_steps
 
@@ -34,18 +34,18 @@ def test_captions_file_cli(tmp_path):
         rows.append({"image": f"img/{i}.png", "caption": f"red {i}", "source": "test"})
     rows.append({"image": "img/missing.png", "caption": "gone"})
     (tmp_path / "caps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = run_cli("shards", "--captions", tmp_path / "caps.jsonl", "--out", tmp_path / "out")
+    proc = run_main("shards", "--captions", tmp_path / "caps.jsonl", "--out", tmp_path / "out")
     assert "wrote 5 samples" in proc.stdout and "missing_image" in proc.stdout
 
 
 def test_captions_file_errors_exit_2(tmp_path):
     (tmp_path / "caps.csv").write_text("path,text\nimg/0.png,hello\n")
-    proc = run_cli("shards", "--captions", tmp_path / "caps.csv", "--out", tmp_path / "o", check=False)
+    proc = run_main("shards", "--captions", tmp_path / "caps.csv", "--out", tmp_path / "o", check=False)
     assert proc.returncode == 2 and "image" in proc.stderr and "caps.csv" in proc.stderr
 
 
 def test_synthetic_eval_layouts_cli(tmp_path):
-    proc = run_cli("shards", "--synthetic", "--eval-layouts", "--num-samples", 20, "--out", tmp_path / "ev")
+    proc = run_main("shards", "--synthetic", "--eval-layouts", "--num-samples", 20, "--out", tmp_path / "ev")
     for task in ("zeroshot_classification", "zeroshot_retrieval", "compositional", "counting"):
         assert f"vlp eval --task {task} --data" in proc.stdout
     assert (tmp_path / "ev" / "counting.jsonl").is_file() and (tmp_path / "ev" / "classification").is_dir()

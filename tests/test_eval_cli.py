@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO, run_cli, run_main
+from tests.conftest import REPO, run_main
 from tests.distributed import torchrun_cmd
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ def _eval_args(layouts, ckpt, out):
 
 def test_every_task_through_the_cli(layouts, debug_ckpt, tmp_path):
     out = tmp_path / "res.json"
-    proc = run_cli(*_eval_args(layouts, debug_ckpt, out))
+    proc = run_main(*_eval_args(layouts, debug_ckpt, out))
     assert f"results in {out}" in proc.stdout and "acc1" in proc.stdout
     results = json.loads(out.read_text())
     assert [r["task"] for r in results] == list(layouts)

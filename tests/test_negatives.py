@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from tests.conftest import png_bytes, run_cli, run_main, write_tar
+from tests.conftest import png_bytes, run_main, write_tar
 from vlp.data import lexicon as lx
 from vlp.data.negatives import SHUFFLE_TYPES, TYPES, generate, normalize, parse
 from vlp.data.negatives_shards import sample_seed
@@ -307,7 +307,7 @@ def test_negatives_cli_end_to_end(tmp_path):
     out = tmp_path / "out"
     types = "replace_object,replace_attribute,swap_attributes"
     args = ["negatives", "--in", tmp_path / "in" / "d-{000000..000002}.tar", "--out", out, "--types", types, "--k", 3]
-    proc = run_cli(*args)
+    proc = run_main(*args)
     assert "3 shard(s) written, 0 up to date" in proc.stdout
     assert f"data.train_shards={out}/d-{{000000..000002}}.tar" in proc.stdout
     summary = json.loads((out / "_negatives.json").read_text())

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli, run_main
+from conftest import run_main
 
 from vlp.data.sources import fashion_mnist, openclipart
 from vlp.demo_real import missing_requirements
@@ -42,7 +42,7 @@ def test_quick_real_demo_trains_evaluates_and_reports(quick_data, tmp_path):
     out = tmp_path / "lit"
     out.mkdir()
     (out / "data").symlink_to(quick_data[0])  # the demo finds it up to date
-    proc = run_cli("demo", "--real", "--quick", "--out", out, timeout=900)
+    proc = run_main("demo", "--real", "--quick", "--out", out)
     report = json.loads((out / "report.json").read_text())
     for key in FRACTIONS:
         assert 0 <= report[key] <= 1 and 0 <= report["baseline_untrained"][key] <= 1, key

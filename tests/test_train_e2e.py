@@ -143,7 +143,7 @@ def test_demo_reduced_steps_beats_chance(demo_data, tmp_path):
     out = tmp_path / "demo"
     out.mkdir()
     (out / "data").symlink_to(demo_data)  # the shards `vlp demo` would make, made once per session
-    proc = run_cli(
+    proc = run_main(
         "demo", "--out", out, "--steps", "150", "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0"
     )
     report = json.loads((out / "report.json").read_text())
