@@ -33,3 +33,7 @@ def test_quick_replication_prints_one_json_object(demo_data, tmp_path, monkeypat
         assert 0 <= result[kind][metric] <= 1 and 0 <= result[kind]["zeroshot_acc1"] <= 1
     assert result["delta"][metric] == pytest.approx(result["variant"][metric] - result["baseline"][metric])
     assert metric in result["targets"] and (tmp_path / f"replicate_{name}.json").is_file()
+    # the per-type accuracies are reported; the demo's test has 500 rows of each type
+    kinds = ("swap_attribute", "replace_attribute", "replace_object")
+    by_type = [result["baseline"][f"compositional_{t}"] for t in kinds]
+    assert result["baseline"]["compositional_acc"] == pytest.approx(sum(by_type) / 3)

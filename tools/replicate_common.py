@@ -28,6 +28,9 @@ METRICS = {  # report key -> the trainer's final eval key
     "retrieval_t2i_r1": "zeroshot_retrieval/image_retrieval_recall@1",
     "retrieval_i2t_r1": "zeroshot_retrieval/text_retrieval_recall@1",
     "compositional_acc": "compositional/acc",
+    "compositional_swap_attribute": "compositional/acc_swap_attribute",
+    "compositional_replace_attribute": "compositional/acc_replace_attribute",
+    "compositional_replace_object": "compositional/acc_replace_object",
     "counting_acc": "counting/acc",
 }
 
@@ -107,11 +110,11 @@ def replicate(name: str, variant_overrides: list[str], targets: dict[str, float]
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"\n{'metric':<20}{'baseline':>10}{'variant':>10}{'delta':>9}")
+        print(f"\n{'metric':<32}{'baseline':>10}{'variant':>10}{'delta':>9}")
         for k in METRICS:
             b, v = means["baseline"][k], means["variant"][k]
             if b is not None:
-                print(f"{k:<20}{b:>10.3f}{v:>10.3f}{v - b:>+9.3f}")
+                print(f"{k:<32}{b:>10.3f}{v:>10.3f}{v - b:>+9.3f}")
         for k, c in checks.items():
             verdict = "met" if c["met"] else "NOT met"
             print(f"target {k}: delta {c['delta']:+.3f}, required {c['required']:+.3f}: {verdict}")
