@@ -1,5 +1,6 @@
 """tools/replicate_counting.py and replicate_negatives.py, --quick: one JSON object each with the
-baseline's and the variant's metrics (no target is asserted at 20 steps).
+baseline's and the variant's metrics (no target is asserted at 20 steps); the negatives script also
+with ``--eval-every``, whose curve gives both arms' metrics and the gain at each evaluated step.
 
 The scripts run as ``__main__`` in the test's process (``runpy``): the same code path as from the
 command line, without a fresh interpreter importing torch for each."""
@@ -16,13 +17,16 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("name, metric", [("counting", "counting_acc"), ("negatives", "compositional_acc")])
-def test_quick_replication_prints_one_json_object(demo_data, tmp_path, monkeypatch, capsys, name, metric):
+@pytest.mark.parametrize(
+    "name, metric, every", [("counting", "counting_acc", 0), ("negatives", "compositional_acc", 10)]
+)
+def test_quick_replication_prints_one_json_object(demo_data, tmp_path, monkeypatch, capsys, name, metric, every):
     from vlp import demo
 
     (tmp_path / "data").symlink_to(demo_data)  # reused: the session's demo shards are up to date
     script = REPO / "tools" / f"replicate_{name}.py"
-    monkeypatch.setattr(sys, "argv", [str(script), "--quick", "--json", "--out", str(tmp_path)])
+    argv = [str(script), "--quick", "--json", "--out", str(tmp_path), "--eval-every", str(every)]
+    monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.syspath_prepend(str(script.parent))
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(demo, "TRAIN_SAMPLES", demo.TRAIN_SAMPLES)  # --quick sets it; restored after the test
@@ -37,3 +41,11 @@ def test_quick_replication_prints_one_json_object(demo_data, tmp_path, monkeypat
     kinds = ("swap_attribute", "replace_attribute", "replace_object")
     by_type = [result["baseline"][f"compositional_{t}"] for t in kinds]
     assert result["baseline"]["compositional_acc"] == pytest.approx(sum(by_type) / 3)
+    if not every:
+        assert result["curve"] is None
+        return
+    # evaluated at steps 10 and 20 (the last); the last point is the final evaluation
+    assert list(result["curve"]) == ["10", "20"]
+    for point in result["curve"].values():
+        assert point["delta"][metric] == pytest.approx(point["variant"][metric] - point["baseline"][metric])
+    assert result["curve"]["20"]["variant"] == pytest.approx(result["variant"])

@@ -6,7 +6,8 @@ overrides). Both are evaluated on the demo's held-out tasks: zero-shot classific
 compositional (swap/replace attribute/object) and counting (counts 2..6). The script prints a
 table, writes ``<out>/replicate_<name>.json`` and, with ``--json``, prints that JSON object. The shapes
 data goes to ``<out>/data``; data already there (from an earlier run, or `vlp demo --out` the same
-folder) is reused when it is up to date.
+folder) is reused when it is up to date. With ``--eval-every N`` both runs are also evaluated
+every N steps, and the table and the JSON (``curve``) give the gain at each of those steps.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def parse_args(name: str, default_steps: int = 600) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one baseline and one variant per seed")
     p.add_argument("--quick", action="store_true", help="a smoke run: 20 steps, 2,000 training images")
     p.add_argument("--json", action="store_true", help="print only the JSON object")
+    p.add_argument(
+        "--eval-every", type=int, default=0, metavar="N", help="also evaluate every N steps: the gain along training"
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override (both runs)")
     return p.parse_args()
 
@@ -55,25 +59,52 @@ def _data(out: Path, quick: bool, seed: int) -> None:
     demo.make_demo_data(out / "data", seed)
 
 
-def _run(out: Path, name: str, steps: int, seed: int, overrides: list[str], quiet: bool) -> dict:
+def _run(out: Path, name: str, steps: int, seed: int, overrides: list[str], quiet: bool, every: int = 0) -> dict:
+    """One training run; its final metrics and, with ``every`` > 0, ``curve``: step -> metrics."""
     from vlp.demo import demo_config
     from vlp.train.trainer import Trainer
 
     run_dir = out / f"{name}-seed{seed}"
-    sets = [f"train.seed={seed}", "train.eval_every=0", "train.checkpoint_every=0", "train.progress=off", *overrides]
-    cfg = demo_config(out, steps, sets)
+    sets = [f"train.seed={seed}", f"train.eval_every={every}", "train.checkpoint_every=0", "train.progress=off"]
+    cfg = demo_config(out, steps, [*sets, *overrides])
     cfg.train.output_dir = str(run_dir)
     t0 = time.perf_counter()
     sink = io.StringIO()
+    trainer = Trainer(cfg)
     with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
-        summary = Trainer(cfg).train()
+        summary = trainer.train()
     metrics = {k: summary["eval"].get(v) for k, v in METRICS.items()}
-    return {**metrics, "seconds": round(time.perf_counter() - t0, 1), "run": str(run_dir)}
+    row = {**metrics, "seconds": round(time.perf_counter() - t0, 1), "run": str(run_dir)}
+    if every:
+        row["curve"] = {str(r["step"]): {k: r.get(v) for k, v in METRICS.items()} for r in trainer.eval_results}
+    return row
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
     values = [r[key] for r in rows if r.get(key) is not None]
     return statistics.fmean(values) if values else None
+
+
+def _curve(runs: dict[str, list[dict]]) -> dict | None:
+    """Per evaluated step (those every run has): each arm's mean over seeds, and the variant's gain."""
+    rows = [r for kind in runs.values() for r in kind]
+    if not rows or not all("curve" in r for r in rows):
+        return None
+    steps = sorted(set.intersection(*(set(r["curve"]) for r in rows)), key=int)
+    curve = {}
+    for step in steps:
+        arms = {kind: {k: _mean([r["curve"][step] for r in rows_], k) for k in METRICS} for kind, rows_ in runs.items()}
+        gain = {k: arms["variant"][k] - arms["baseline"][k] for k in METRICS if arms["baseline"][k] is not None}
+        curve[step] = {**arms, "delta": gain}
+    return curve
+
+
+def _print_curve(curve: dict, targets: dict[str, float]) -> None:
+    keys = list(dict.fromkeys([*targets, "zeroshot_acc1"]))
+    print(f"\n{'step':>6}" + "".join(f"{k + ' (base/var/delta)':>44}" for k in keys))
+    for step, arms in curve.items():
+        cells = [f"{arms['baseline'][k]:.3f} / {arms['variant'][k]:.3f} / {arms['delta'][k]:+.3f}" for k in keys]
+        print(f"{step:>6}" + "".join(f"{c:>44}" for c in cells))
 
 
 def replicate(name: str, variant_overrides: list[str], targets: dict[str, float], default_steps: int = 600) -> dict:
@@ -86,7 +117,7 @@ def replicate(name: str, variant_overrides: list[str], targets: dict[str, float]
     runs = {"baseline": [], "variant": []}
     for seed in args.seeds:
         for kind, extra in (("baseline", []), ("variant", variant_overrides)):
-            runs[kind].append(_run(out, kind, steps, seed, args.overrides + extra, args.json))
+            runs[kind].append(_run(out, kind, steps, seed, args.overrides + extra, args.json, args.eval_every))
             if not args.json:
                 shown = ", ".join(f"{k} {v:.3f}" for k, v in runs[kind][-1].items() if k in METRICS and v is not None)
                 print(f"{kind} seed {seed}: {shown}", flush=True)
@@ -103,6 +134,7 @@ def replicate(name: str, variant_overrides: list[str], targets: dict[str, float]
         "variant": means["variant"],
         "delta": delta,
         "targets": checks,
+        "curve": _curve(runs),
         "runs": runs,
     }
     path = out / f"replicate_{name}.json"
@@ -115,6 +147,8 @@ def replicate(name: str, variant_overrides: list[str], targets: dict[str, float]
             b, v = means["baseline"][k], means["variant"][k]
             if b is not None:
                 print(f"{k:<32}{b:>10.3f}{v:>10.3f}{v - b:>+9.3f}")
+        if result["curve"]:
+            _print_curve(result["curve"], targets)
         for k, c in checks.items():
             verdict = "met" if c["met"] else "NOT met"
             print(f"target {k}: delta {c['delta']:+.3f}, required {c['required']:+.3f}: {verdict}")
