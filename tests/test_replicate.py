@@ -25,7 +25,10 @@ def test_quick_replication_prints_one_json_object(demo_data, tmp_path, monkeypat
 
     (tmp_path / "data").symlink_to(demo_data)  # reused: the session's demo shards are up to date
     script = REPO / "tools" / f"replicate_{name}.py"
+    # --train-images of as many as the session's demo data has reuses that data as it is
+    train_images = json.loads((demo_data / "train" / "_info.json").read_text())["num_samples"]
     argv = [str(script), "--quick", "--json", "--out", str(tmp_path), "--eval-every", str(every)]
+    argv += ["--train-images", str(train_images)] if name == "counting" else []
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.syspath_prepend(str(script.parent))
     monkeypatch.chdir(REPO)
@@ -33,6 +36,7 @@ def test_quick_replication_prints_one_json_object(demo_data, tmp_path, monkeypat
     runpy.run_path(str(script), run_name="__main__")
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["name"] == name and result["steps"] == 20 and result["seeds"] == [0]
+    assert result["train_images"] == train_images
     for kind in ("baseline", "variant"):
         assert 0 <= result[kind][metric] <= 1 and 0 <= result[kind]["zeroshot_acc1"] <= 1
     assert result["delta"][metric] == pytest.approx(result["variant"][metric] - result["baseline"][metric])
@@ -49,3 +53,18 @@ def test_quick_replication_prints_one_json_object(demo_data, tmp_path, monkeypat
     for point in result["curve"].values():
         assert point["delta"][metric] == pytest.approx(point["variant"][metric] - point["baseline"][metric])
     assert result["curve"]["20"]["variant"] == pytest.approx(result["variant"])
+
+
+@pytest.mark.parametrize("bad", ["1500", "-1000"])
+def test_train_images_must_fill_whole_shards(monkeypatch, capsys, bad):
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    import replicate_common
+
+    monkeypatch.setattr(sys, "argv", ["replicate_negatives.py", "--train-images", bad])
+    with pytest.raises(SystemExit) as exc:
+        replicate_common.parse_args("negatives")
+    assert exc.value.code == 2
+    assert (
+        f"--train-images must be a positive multiple of 1000 (shards of that size), got {bad}"
+        in capsys.readouterr().err
+    )

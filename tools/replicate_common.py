@@ -42,21 +42,41 @@ def parse_args(name: str, default_steps: int = 600) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=default_steps, help="training steps of every run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one baseline and one variant per seed")
     p.add_argument("--quick", action="store_true", help="a smoke run: 20 steps, 2,000 training images")
+    p.add_argument(
+        "--train-images",
+        type=int,
+        default=0,
+        metavar="N",
+        help="unique training images, a multiple of 1,000 (default: the demo's 12,000; with 76,000, 600 steps at "
+        "batch 128 see each about once)",
+    )
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     p.add_argument(
         "--eval-every", type=int, default=0, metavar="N", help="also evaluate every N steps: the gain along training"
     )
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override (both runs)")
-    return p.parse_args()
+    args = p.parse_args()
+    from vlp import demo
+
+    if args.train_images and (args.train_images < 0 or args.train_images % demo.PER_SHARD):
+        p.error(
+            f"--train-images must be a positive multiple of {demo.PER_SHARD} (shards of that size), "
+            f"got {args.train_images}"
+        )
+    return args
 
 
-def _data(out: Path, quick: bool, seed: int) -> None:
+def _data(out: Path, quick: bool, seed: int, train_images: int = 0) -> int:
+    """Make (or reuse) the shapes data under ``out/data``; the number of training images used."""
     from vlp import demo
 
     info = out / "data" / "train" / "_info.json"
-    if quick:  # fewer training shards (or those already there); the held-out sets stay as the demo's
+    if train_images:
+        demo.TRAIN_SAMPLES = train_images
+    elif quick:  # fewer training shards (or those already there); the held-out sets stay as the demo's
         demo.TRAIN_SAMPLES = json.loads(info.read_text())["num_samples"] if info.is_file() else 2000
     demo.make_demo_data(out / "data", seed)
+    return demo.TRAIN_SAMPLES
 
 
 def _run(out: Path, name: str, steps: int, seed: int, overrides: list[str], quiet: bool, every: int = 0) -> dict:
@@ -113,7 +133,7 @@ def replicate(name: str, variant_overrides: list[str], targets: dict[str, float]
     args = parse_args(name, default_steps)
     out = Path(args.out)
     steps = 20 if args.quick else args.steps
-    _data(out, args.quick, 0)
+    train_images = _data(out, args.quick, 0, args.train_images)
     runs = {"baseline": [], "variant": []}
     for seed in args.seeds:
         for kind, extra in (("baseline", []), ("variant", variant_overrides)):
@@ -130,6 +150,7 @@ def replicate(name: str, variant_overrides: list[str], targets: dict[str, float]
         "steps": steps,
         "seeds": args.seeds,
         "quick": args.quick,
+        "train_images": train_images,
         "baseline": means["baseline"],
         "variant": means["variant"],
         "delta": delta,
