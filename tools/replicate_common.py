@@ -105,6 +105,13 @@ def _mean(rows: list[dict], key: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def _compare(rows_by_arm: dict[str, list[dict]]) -> tuple[dict, dict]:
+    """Each arm's mean over seeds of every metric, and the variant's gain over the baseline."""
+    means = {arm: {k: _mean(rows, k) for k in METRICS} for arm, rows in rows_by_arm.items()}
+    delta = {k: means["variant"][k] - means["baseline"][k] for k in METRICS if means["baseline"][k] is not None}
+    return means, delta
+
+
 def _curve(runs: dict[str, list[dict]]) -> dict | None:
     """Per evaluated step (those every run has): each arm's mean over seeds, and the variant's gain."""
     rows = [r for kind in runs.values() for r in kind]
@@ -113,9 +120,8 @@ def _curve(runs: dict[str, list[dict]]) -> dict | None:
     steps = sorted(set.intersection(*(set(r["curve"]) for r in rows)), key=int)
     curve = {}
     for step in steps:
-        arms = {kind: {k: _mean([r["curve"][step] for r in rows_], k) for k in METRICS} for kind, rows_ in runs.items()}
-        gain = {k: arms["variant"][k] - arms["baseline"][k] for k in METRICS if arms["baseline"][k] is not None}
-        curve[step] = {**arms, "delta": gain}
+        means, delta = _compare({arm: [r["curve"][step] for r in rows_] for arm, rows_ in runs.items()})
+        curve[step] = {**means, "delta": delta}
     return curve
 
 
@@ -141,8 +147,7 @@ def replicate(name: str, variant_overrides: list[str], targets: dict[str, float]
             if not args.json:
                 shown = ", ".join(f"{k} {v:.3f}" for k, v in runs[kind][-1].items() if k in METRICS and v is not None)
                 print(f"{kind} seed {seed}: {shown}", flush=True)
-    means = {kind: {k: _mean(rows, k) for k in METRICS} for kind, rows in runs.items()}
-    delta = {k: means["variant"][k] - means["baseline"][k] for k in METRICS if means["baseline"][k] is not None}
+    means, delta = _compare(runs)
     checks = {k: {"required": t, "delta": delta[k], "met": delta[k] >= t} for k, t in targets.items()}
     result = {
         "name": name,
