@@ -1,6 +1,7 @@
 """Hard negatives and counting counterfactuals in training batches: the stream attaches them
 (from the shards or generated online, seeded, exact on resume), the model encodes them inside its
-forward, the objective's terms use them, and exact accumulation still holds."""
+forward, the objective's terms use them, and exact accumulation still holds (with minimal-pair ids
+too, a pair split across micro-batches included)."""
 
 from __future__ import annotations
 
@@ -106,17 +107,20 @@ def _micro(k, b, seed=1):
             "text_neg": torch.randint(1, 49000, (b, 2, 32), generator=g),
             "text_cf": torch.randint(1, 49000, (b, 32), generator=g),
             "has_cf": torch.rand(b, generator=g) > 0.4,
+            # minimal pairs: (0, 1) in the first micro-batch, one straddling both, -1 for none
+            "pair_id": torch.tensor([1, 1, 2, -1] if i == 0 else [2, 3, 3, 4]),
             "caption": [""] * b,
         }
-        for _ in range(k)
+        for i in range(k)
     ]
 
 
-def test_accumulation_stays_exact_with_negatives_and_counterfactuals():
+def test_accumulation_stays_exact_with_negatives_counterfactuals_and_pairs():
     torch.manual_seed(0)
     model = ExtraTexts(build_model("debug")[0].double().train())
     cfg = LossConfig()
     cfg.negatives.image_grounded_weight = 0.5
+    cfg.pair_weight = 0.7
     micro = _micro(2, 4)
     whole = [{k: torch.cat([m[k] for m in micro]) if k != "caption" else [""] * 8 for k in micro[0]}]
     grads = []
@@ -127,7 +131,8 @@ def test_accumulation_stays_exact_with_negatives_and_counterfactuals():
                                           scaler=torch.amp.GradScaler("cpu", enabled=False))  # fmt: skip
         grads.append((loss, terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (la, ta, ga), (lb, tb, gb) = grads
-    assert set(ta) == {"contrastive", "image_grounded", "counting"} and la.item() == pytest.approx(lb.item(), abs=1e-10)
+    assert set(ta) == {"contrastive", "image_grounded", "counting", "pair"}
+    assert la.item() == pytest.approx(lb.item(), abs=1e-10)
     for n in gb:
         assert torch.allclose(ga[n], gb[n], atol=1e-9, rtol=0), n
 

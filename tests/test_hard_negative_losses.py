@@ -1,5 +1,5 @@
-"""DeGLA's grounded contrasts and the counting loss: the B x K layout and its masks against a
-per-sample reference, the counting formula, and 1 vs 2 gloo ranks (fp64, 1e-9)."""
+"""DeGLA's grounded contrasts, the counting loss and the minimal-pair loss: the B x K layout and its
+masks against a per-sample reference, the counting and pair formulas, and 1 vs 2 gloo ranks (fp64, 1e-9)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from vlp.losses.hard_negatives import (
     image_grounded_loss,
     negative_columns,
     own_negatives_mask,
+    pair_loss,
+    pair_partners,
     text_grounded_loss,
 )
 
@@ -26,6 +28,8 @@ def _leaves(seed=0):
     leaves["scale"] = torch.tensor(12.0, dtype=torch.float64)
     out = {k: v.clone().requires_grad_(k != "teacher") for k, v in leaves.items()}
     out["has_cf"] = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1], dtype=torch.bool)
+    # pairs (0, 1), (4, 5), (6, 7); row 2's id is its own, row 3 has none (-1); each half is a rank's
+    out["pair_id"] = torch.tensor([10, 10, 11, -1, 12, 12, 3, 3])
     return out
 
 
@@ -42,6 +46,17 @@ def _reference(name, x):
     if name == "text_grounded":
         pos = 10.0 * (x["txt"] * x["teacher"]).sum(-1)
         return _ce_first(pos, 10.0 * torch.einsum("bd,bkd->bk", x["txt"], x["neg"]))
+    if name == "pair":
+        terms = []
+        for b in range(N):
+            partners = [p for p in range(N) if p != b and x["pair_id"][p] == x["pair_id"][b] >= 0]
+            if len(partners) != 1:
+                continue
+            p, s = partners[0], x["scale"]
+            pos = torch.exp(s * x["img"][b] @ x["txt"][b])
+            wrong_text, wrong_image = torch.exp(s * x["img"][b] @ x["txt"][p]), torch.exp(s * x["img"][p] @ x["txt"][b])
+            terms.append(-torch.log(pos / (pos + wrong_text)) - torch.log(pos / (pos + wrong_image)))
+        return torch.stack(terms).mean()
     s_pos = x["scale"] * (x["img"] * x["txt"]).sum(-1)
     s_cf = x["scale"] * (x["img"] * x["cf"]).sum(-1)
     per = -torch.log(torch.exp(s_pos) / (torch.exp(s_pos) + torch.exp(s_cf)))
@@ -53,10 +68,28 @@ def _ours(name, x, sl=slice(None), group=None):
         return image_grounded_loss(x["img"][sl], x["txt"][sl], x["neg"][sl], x["scale"], group)
     if name == "text_grounded":
         return text_grounded_loss(x["txt"][sl], x["teacher"][sl], x["neg"][sl], 10.0, group)
+    if name == "pair":
+        return pair_loss(x["img"][sl], x["txt"][sl], x["pair_id"][sl], x["scale"], group)
     return counting_loss(x["img"][sl], x["txt"][sl], x["cf"][sl], x["has_cf"][sl], x["scale"], group)
 
 
-NAMES = ["image_grounded", "text_grounded", "counting"]
+NAMES = ["image_grounded", "text_grounded", "counting", "pair"]
+
+
+def test_pair_partners():
+    index, has = pair_partners(torch.tensor([10, 10, 11, -1, 12, 12, 12, 3, 3, -1]))
+    assert has.tolist() == [True, True, False, False, False, False, False, True, True, False]
+    assert index.tolist() == [1, 0, 2, 3, 4, 5, 6, 8, 7, 9]  # an id on three rows pairs none of them
+
+
+def test_pair_loss_without_pairs_is_zero_and_checks_shapes():
+    x = _leaves()
+    loss = pair_loss(x["img"], x["txt"], torch.full((N,), -1), x["scale"])
+    assert loss.item() == 0.0
+    loss.backward()
+    assert x["img"].grad.abs().sum() == 0
+    with pytest.raises(ValueError, match="pair_id has shape"):
+        pair_loss(x["img"], x["txt"], x["pair_id"][:4], x["scale"])
 
 
 def test_the_layout_is_sample_major_and_the_mask_follows_it():

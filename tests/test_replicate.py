@@ -1,4 +1,4 @@
-"""tools/replicate_counting.py and replicate_negatives.py, --quick: one JSON object each with the
+"""tools/replicate_counting.py, replicate_negatives.py and replicate_pairs.py, --quick: one JSON object each with the
 baseline's and the variant's metrics (no target is asserted at 20 steps); the negatives script also
 with ``--eval-every``, whose curve gives both arms' metrics and the gain at each evaluated step.
 
@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize(
-    "name, metric, every", [("counting", "counting_acc", 0), ("negatives", "compositional_acc", 10)]
+    "name, metric, every",
+    [("counting", "counting_acc", 0), ("negatives", "compositional_acc", 10), ("pairs", "compositional_acc", 0)],
 )
 def test_quick_replication_prints_one_json_object(demo_data, tmp_path, monkeypatch, capsys, name, metric, every):
     from vlp import demo
@@ -41,6 +42,9 @@ def test_quick_replication_prints_one_json_object(demo_data, tmp_path, monkeypat
         assert 0 <= result[kind][metric] <= 1 and 0 <= result[kind]["zeroshot_acc1"] <= 1
     assert result["delta"][metric] == pytest.approx(result["variant"][metric] - result["baseline"][metric])
     assert metric in result["targets"] and (tmp_path / f"replicate_{name}.json").is_file()
+    if name == "pairs":  # the variant trains on its own shards of minimal pairs, as many images as --quick's
+        assert json.loads((tmp_path / "pairs" / "_info.json").read_text())["num_samples"] == 2000
+        assert any("pairs/shapes-" in o for o in result["variant_overrides"])
     # the per-type accuracies are reported; the demo's test has 500 rows of each type
     kinds = ("swap_attribute", "replace_attribute", "replace_object")
     by_type = [result["baseline"][f"compositional_{t}"] for t in kinds]

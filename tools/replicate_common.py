@@ -19,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,13 +134,23 @@ def _print_curve(curve: dict, targets: dict[str, float]) -> None:
         print(f"{step:>6}" + "".join(f"{c:>44}" for c in cells))
 
 
-def replicate(name: str, variant_overrides: list[str], targets: dict[str, float], default_steps: int = 600) -> dict:
+def replicate(
+    name: str,
+    variant_overrides: list[str],
+    targets: dict[str, float],
+    default_steps: int = 600,
+    variant_data: Callable[[Path, int], list[str]] | None = None,
+) -> dict:
     """Run baseline and variant for every seed; ``targets``: metric -> required mean gain (negative:
-    the largest allowed drop)."""
+    the largest allowed drop). ``variant_data(out, images)``, if given, makes the variant's own
+    training data of that many images (as many as the baseline's; 2,000 with --quick) under
+    ``out`` and returns the overrides that point the variant at it."""
     args = parse_args(name, default_steps)
     out = Path(args.out)
     steps = 20 if args.quick else args.steps
     train_images = _data(out, args.quick, 0, args.train_images)
+    if variant_data is not None:
+        variant_overrides = [*variant_overrides, *variant_data(out, 2000 if args.quick else train_images)]
     runs = {"baseline": [], "variant": []}
     for seed in args.seeds:
         for kind, extra in (("baseline", []), ("variant", variant_overrides)):

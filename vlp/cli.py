@@ -73,6 +73,13 @@ def _add_shards(sub) -> None:
     g.add_argument("--image-size", type=int, default=64)
     g.add_argument("--single-group", action="store_true", help="one object group per image (zero-shot split)")
     g.add_argument(
+        "--counterfactual-pairs",
+        metavar="KINDS",
+        default="",
+        help="comma-separated swap_attribute,replace_attribute,replace_object: each scene is followed by its "
+        "counterfactual (the same layout with one change), a minimal pair for loss.pair_weight",
+    )
+    g.add_argument(
         "--eval-layouts",
         action="store_true",
         help="instead of shards, write held-out benchmarks in every `vlp eval` layout (classification folder, "
@@ -252,16 +259,21 @@ def cmd_shards(args) -> int:
             print(f"vlp: {task}: vlp eval --task {task} --data {path}")
         return 0
     if args.synthetic:
-        info = shards.write_synthetic_shards(
-            args.out,
-            args.num_samples,
-            seed=args.seed,
-            start_index=args.start_index,
-            image_size=args.image_size,
-            single_group=args.single_group,
-            max_samples_per_shard=args.max_samples_per_shard,
-            prefix=args.prefix or "shapes",
-        )
+        try:
+            info = shards.write_synthetic_shards(
+                args.out,
+                args.num_samples,
+                seed=args.seed,
+                start_index=args.start_index,
+                image_size=args.image_size,
+                single_group=args.single_group,
+                max_samples_per_shard=args.max_samples_per_shard,
+                prefix=args.prefix or "shapes",
+                counterfactual_pairs=tuple(k for k in args.counterfactual_pairs.split(",") if k),
+            )
+        except ValueError as e:  # the arguments: the message names which and what is expected
+            print(f"vlp shards: error: {e}", file=sys.stderr)
+            return 2
     else:
         info = shards.write_caption_shards(
             args.captions,

@@ -220,6 +220,12 @@ class LossConfig:
     counting_weight: float = _f(
         1.0, "Weight lambda of the counting loss on samples with a counterfactual (data.counterfactuals)."
     )
+    pair_weight: float = _f(
+        0.0,
+        "Minimal-pair loss (0 = off): two samples of a batch whose JSON has the same `pair` (vlp shards --synthetic "
+        "--counterfactual-pairs) are contrasted, each image against its caption and its partner's, each caption "
+        "against its image and its partner's. Read such shards in order (data.shuffle_buffer: 0).",
+    )
     negatives: HardNegativesLossConfig = field(default_factory=HardNegativesLossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     align_weight: float = _f(0.0, "Weight of the alignment regulariser mean ||x_i - y_i||^2 (0 = off).")
@@ -362,6 +368,7 @@ class Config:
             ("loss.caption_weight", self.loss.caption_weight >= 0, "must be >= 0"),
             ("loss.itm_weight", self.loss.itm_weight >= 0, "must be >= 0"),
             ("loss.counting_weight", self.loss.counting_weight >= 0, "must be >= 0"),
+            ("loss.pair_weight", self.loss.pair_weight >= 0, "must be >= 0"),
             ("data.negatives.k", self.data.negatives.k >= 0, "must be >= 0"),
             ("loss.negatives.image_grounded_weight", self.loss.negatives.image_grounded_weight >= 0, "must be >= 0"),
             ("loss.negatives.text_grounded_weight", self.loss.negatives.text_grounded_weight >= 0, "must be >= 0"),

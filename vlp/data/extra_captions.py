@@ -11,6 +11,9 @@ Added to a batch (see :class:`vlp.data.stream.ShardStream`) when configured:
 - ``text_cf`` (B x L) and ``has_cf`` (B bool): the counting counterfactual
   (:func:`vlp.data.counting.counterfactual`) of every caption with exactly one count in 2..10;
   others carry their own caption and ``has_cf`` False.
+- ``pair_id`` (B int64): the sample's minimal pair, the integer ``pair`` of its JSON (``vlp shards
+  --synthetic --counterfactual-pairs``), or -1. Two samples of a batch with the same id are partners
+  for ``loss.pair_weight``.
 
 Every random choice is seeded from (seed, sample key, epoch): reproducible and exact on resume.
 """
@@ -32,12 +35,13 @@ class ExtraCaptionSpec:
     negatives_online: bool = True
     negatives_types: tuple[str, ...] = ()
     counterfactuals: bool = False
+    pairs: bool = False  # add pair_id
     seed: int = 0
     sources: Counter = field(default_factory=Counter)  # where negatives came from (shard/online/fallback)
 
     @property
     def active(self) -> bool:
-        return bool(self.negatives_k or self.counterfactuals)
+        return bool(self.negatives_k or self.counterfactuals or self.pairs)
 
 
 def sample_seed(seed: int, key: str, epoch: int, what: str) -> int:
@@ -105,4 +109,13 @@ def extra_caption_tensors(samples: list[dict], tokenizer, spec: ExtraCaptionSpec
         cfs = [counterfactual_for(s, spec) for s in samples]
         out["text_cf"] = tokenizer([c if c is not None else cap for c, cap in zip(cfs, captions)])
         out["has_cf"] = torch.tensor([c is not None for c in cfs], dtype=torch.bool)
+    if spec.pairs:
+        out["pair_id"] = torch.tensor([pair_id(s) for s in samples], dtype=torch.int64)
     return out
+
+
+def pair_id(sample: dict) -> int:
+    """The sample's minimal-pair id: its JSON's non-negative integer ``pair``, else -1 (no partner)."""
+    meta = sample.get("json")
+    value = meta.get("pair") if isinstance(meta, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else -1

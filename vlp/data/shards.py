@@ -154,14 +154,40 @@ def _synthetic_samples(
     """Encoded synthetic samples (png, txt, json) for indices start .. start+count-1."""
     scenes = synthetic.iter_scenes(seed, start, count, image_size=image_size, single_group=single_group)
     for scene in tqdm(scenes, total=count, disable=None if progress else True, desc="shapes", unit="img"):
-        buf = io.BytesIO()
-        scene.image.save(buf, format="PNG")
-        yield {
-            "__key__": f"{scene.meta['index']:09d}",
-            "png": buf.getvalue(),
-            "txt": scene.caption.encode("utf-8"),
-            "json": json.dumps(scene.meta).encode("utf-8"),
-        }
+        yield _encode_scene(scene, f"{scene.meta['index']:09d}")
+
+
+def _encode_scene(scene: synthetic.Scene, key: str) -> dict:
+    buf = io.BytesIO()
+    scene.image.save(buf, format="PNG")
+    return {
+        "__key__": key,
+        "png": buf.getvalue(),
+        "txt": scene.caption.encode("utf-8"),
+        "json": json.dumps(scene.meta).encode("utf-8"),
+    }
+
+
+def _pair_samples(
+    seed: int, start: int, count: int, image_size: int, kinds: tuple[str, ...], skipped: Counter, progress: bool
+) -> Iterator[dict]:
+    """``count`` samples: scenes from index ``start`` on, each followed by its counterfactual (both
+    with ``"pair": index`` in their JSON); scenes without one are skipped and counted."""
+    from vlp.data.synthetic_counterfactual import counterfactual_scene
+
+    index, written = start, 0
+    with tqdm(total=count, disable=None if progress else True, desc="shape pairs", unit="img") as bar:
+        while written < count:
+            scene, cf = counterfactual_scene(seed, index, kinds, image_size=image_size)
+            if cf is None:
+                skipped["no_counterfactual"] += 1
+            else:
+                scene.meta["pair"] = cf.meta["pair"] = index
+                yield _encode_scene(scene, f"{index:09d}")
+                yield _encode_scene(cf, f"{index:09d}_cf")
+                written += 2
+                bar.update(2)
+            index += 1
 
 
 def write_synthetic_shards(
@@ -175,8 +201,15 @@ def write_synthetic_shards(
     max_samples_per_shard: int = 1000,
     prefix: str = "shapes",
     progress: bool = True,
+    counterfactual_pairs: tuple[str, ...] = (),
 ) -> dict:
     """Write ``num_samples`` synthetic shapes scenes (indices start_index..) as shards.
+
+    With ``counterfactual_pairs`` (kinds of :data:`vlp.data.synthetic_counterfactual.CHANGE_TYPES`)
+    every scene is followed by its counterfactual: ``num_samples / 2`` minimal pairs, each pair's
+    JSON holding ``"pair": index``; scenes with no counterfactual of those kinds are skipped and
+    counted in ``skipped``. Read them in order (``data.shuffle_buffer: 0``) so that pairs share a
+    batch, for ``loss.pair_weight``.
 
     Idempotent: when ``out_dir/_info.json`` records the same parameters and all its shards
     exist, nothing is written and the stored info is returned.
@@ -187,10 +220,23 @@ def write_synthetic_shards(
         (zeroshot_classnames()) and templates (ZEROSHOT_TEMPLATES).
 
     Raises:
-        ValueError: num_samples < 1, max_samples_per_shard < 1, or bad seed/index/size.
+        ValueError: num_samples < 1, max_samples_per_shard < 1, or bad seed/index/size; with
+            counterfactual_pairs: an odd num_samples or max_samples_per_shard, unknown kinds, or
+            single_group (a one-group scene has nothing to swap and no pair partner to share).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if counterfactual_pairs:
+        from vlp.data.synthetic_counterfactual import CHANGE_TYPES
+
+        unknown = sorted(set(counterfactual_pairs) - set(CHANGE_TYPES))
+        if unknown:
+            raise ValueError(f"counterfactual_pairs: unknown kinds {unknown}; expected some of {list(CHANGE_TYPES)}")
+        if num_samples % 2 or max_samples_per_shard % 2 or single_group:
+            raise ValueError(
+                "counterfactual_pairs needs an even num_samples and max_samples_per_shard (pairs never straddle "
+                f"shards) and single_group off; got {num_samples}, {max_samples_per_shard}, {single_group}"
+            )
     out = Path(out_dir)
     params = {
         "source": "synthetic",
@@ -203,6 +249,8 @@ def write_synthetic_shards(
         "prefix": prefix,
         "generator_version": synthetic.SYNTHETIC_VERSION,
     }
+    if counterfactual_pairs:  # only then, so that shards written before this option stay up to date
+        params["counterfactual_pairs"] = list(counterfactual_pairs)
     if out.is_dir():
         existing = shards_up_to_date(out, params)
         if existing is not None:
@@ -211,11 +259,16 @@ def write_synthetic_shards(
     out.mkdir(parents=True, exist_ok=True)
     # Drop the old info first so an interrupted rewrite is never mistaken for complete.
     (out / INFO_FILE).unlink(missing_ok=True)
-    samples = _synthetic_samples(seed, start_index, num_samples, image_size, single_group, progress)
+    skipped: Counter = Counter()
+    if counterfactual_pairs:
+        kinds = tuple(counterfactual_pairs)
+        samples = _pair_samples(seed, start_index, num_samples, image_size, kinds, skipped, progress)
+    else:
+        samples = _synthetic_samples(seed, start_index, num_samples, image_size, single_group, progress)
     sizes = write_samples(samples, out, prefix, max_samples_per_shard, FIXED_MTIME)
     extra = {k: v for k, v in params.items() if k != "num_samples"}
     extra.update(classnames=synthetic.zeroshot_classnames(), templates=list(synthetic.ZEROSHOT_TEMPLATES))
-    return finalize_shards(out, prefix, sizes, {"skipped": {}, **extra})
+    return finalize_shards(out, prefix, sizes, {"skipped": dict(skipped), **extra})
 
 
 def _csv_rows(path: Path, delimiter: str, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:

@@ -274,6 +274,24 @@ def _caption(rng: np.random.Generator, groups: list[dict]) -> tuple[str, list[di
     return " and ".join(phrases), ordered
 
 
+def _drawn_layout(seed: int, index: int, image_size: int, single_group: bool):
+    """Scene ``index``'s generator, groups and placed objects, with the generator ready to render."""
+    rng = np.random.default_rng([int(seed), int(index)])
+    groups = _sample_groups(rng, single_group)
+    objects = _place_objects(rng, groups, image_size)
+    return rng, groups, objects
+
+
+def render_like(seed: int, index: int, objects: list[dict], image_size: int = 64) -> Image.Image:
+    """``objects`` drawn on the background (colour and noise) of scene ``index`` of ``seed``.
+
+    With scene ``index``'s own objects this is its image; with changed ones, its counterfactual.
+    (Multi-group scenes, as make_scene with single_group False.)
+    """
+    rng, _, _ = _drawn_layout(seed, index, image_size, False)
+    return _render(rng, objects, image_size)
+
+
 def make_scene(seed: int, index: int, *, image_size: int = 64, single_group: bool = False) -> Scene:
     """Generate scene ``index`` of the dataset identified by ``seed``.
 
@@ -296,9 +314,7 @@ def make_scene(seed: int, index: int, *, image_size: int = 64, single_group: boo
         raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16, got {image_size}")
-    rng = np.random.default_rng([int(seed), int(index)])
-    groups = _sample_groups(rng, single_group)
-    objects = _place_objects(rng, groups, image_size)
+    rng, groups, objects = _drawn_layout(seed, index, image_size, single_group)
     image = _render(rng, objects, image_size)
     caption, groups = _caption(rng, groups)
     meta: dict = {

@@ -17,7 +17,6 @@ no image is shared between layouts; scenes a layout cannot use are skipped deter
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -27,12 +26,13 @@ import numpy as np
 from tqdm import tqdm
 
 from vlp.data import synthetic
+from vlp.data.synthetic_counterfactual import CHANGE_TYPES, changed_groups, describes, phrase, size_flags
 
 LAYOUTS_FILE = "_layouts.json"
 LAYOUTS_VERSION = 1  # bump when the files written for given parameters change
 INDEX_BLOCK = 1_000_000  # indices per layout; a layout may use at most this many scenes
 COUNT_RANGE = (2, 6)
-NEGATIVE_TYPES = ("swap_attribute", "replace_attribute", "replace_object")
+NEGATIVE_TYPES = CHANGE_TYPES
 LAYOUT_DIRS = {
     "zeroshot_classification": "classification",
     "zeroshot_retrieval": "retrieval",
@@ -44,40 +44,6 @@ LAYOUT_DIRS = {
 def folder_name(label: str) -> str:
     """Class folder of a shapes label: "red circle" -> "red_circle"."""
     return label.replace(" ", "_")
-
-
-def size_flags(groups: list[dict], caption: str) -> tuple[bool, ...]:
-    """Which groups of ``caption`` (in caption order) carry their size word.
-
-    Raises:
-        ValueError: no choice of size words reproduces ``caption`` from ``groups``.
-    """
-    for flags in itertools.product((False, True), repeat=len(groups)):
-        if phrase(groups, flags) == caption:
-            return flags
-    raise ValueError(f"caption {caption!r} does not match its groups {groups}")
-
-
-def phrase(groups: list[dict], flags: tuple[bool, ...]) -> str:
-    """Caption of ``groups`` in order, with the size word where ``flags`` says (as make_scene)."""
-    return " and ".join(synthetic.group_phrase(g, f) for g, f in zip(groups, flags))
-
-
-def describes(groups: list[dict], flags: tuple[bool, ...], image_groups: list[dict]) -> bool:
-    """Whether the caption of ``groups``/``flags`` is true of an image holding ``image_groups``.
-
-    True when the groups pair up one-to-one with equal shape, colour and count, and equal size
-    where the caption names it (a caption without size words fits either size).
-    """
-    if len(groups) != len(image_groups):
-        return False
-
-    def same(g: dict, with_size: bool, h: dict) -> bool:
-        return all(g[k] == h[k] for k in ("shape", "color", "count")) and (not with_size or g["size"] == h["size"])
-
-    return any(
-        all(same(g, f, h) for g, f, h in zip(groups, flags, perm)) for perm in itertools.permutations(image_groups)
-    )
 
 
 def rephrase(scene: synthetic.Scene) -> str:
@@ -100,14 +66,7 @@ def negatives(scene: synthetic.Scene, seed: int) -> dict[str, str] | None:
         return None
     flags = size_flags(groups, scene.caption)
     rng = np.random.default_rng([seed, scene.meta["index"], 1])  # apart from make_scene's stream
-    colors = [c for c in synthetic.COLORS if c not in {g["color"] for g in groups}]
-    shapes = [s for s in synthetic.SHAPES if s not in {g["shape"] for g in groups}]
-    a, b = groups
-    changed = {"swap_attribute": [{**a, "color": b["color"]}, {**b, "color": a["color"]}]}
-    for kind, key, choices in (("replace_attribute", "color", colors), ("replace_object", "shape", shapes)):
-        new = [dict(g) for g in groups]
-        new[int(rng.integers(2))][key] = choices[int(rng.integers(len(choices)))]
-        changed[kind] = new
+    changed = {kind: changed_groups(groups, kind, rng) for kind in NEGATIVE_TYPES}
     if any(describes(new, flags, groups) for new in changed.values()):
         return None
     return {kind: phrase(new, flags) for kind, new in changed.items()}

@@ -1,4 +1,5 @@
-"""Losses on generated captions: DeGLA's image- and text-grounded contrasts, and the counting loss.
+"""Losses on generated captions: DeGLA's image- and text-grounded contrasts, the counting loss, and
+the minimal-pair loss on counterfactual images.
 
 Legend: B = this rank's batch, K = hard negatives per sample, D = feature dim, M = B * K.
 
@@ -80,7 +81,43 @@ def counting_loss(image_BD, text_BD, cf_text_BD, has_cf_B, logit_scale, group=No
     """
     _check(image_BD, text_BD, cf_text_BD.unsqueeze(1))
     per_B = F.softplus(logit_scale * ((image_BD * cf_text_BD).sum(-1) - (image_BD * text_BD).sum(-1)))
-    mask = has_cf_B.to(per_B.dtype)
+    return _masked_global_mean(per_B, has_cf_B, group)
+
+
+def pair_partners(pair_id_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partner index, has partner) per row: the one other row with the same non-negative id. A row
+    whose id is -1, or is shared by more or fewer than two rows, has no partner (index: itself)."""
+    b = pair_id_B.shape[0]
+    same = (pair_id_B[:, None] == pair_id_B[None, :]) & (pair_id_B[:, None] >= 0)
+    same &= ~torch.eye(b, dtype=torch.bool, device=pair_id_B.device)
+    has = same.sum(1) == 1
+    index = torch.where(has, same.int().argmax(1), torch.arange(b, device=pair_id_B.device))
+    return index, has
+
+
+def pair_loss(image_BD, text_BD, pair_id_B, logit_scale, group=None) -> torch.Tensor:
+    """Minimal-pair loss, mean over the rows with a partner p (:func:`pair_partners`):
+
+        softplus(s(I_b, T_p) - s(I_b, T_b)) + softplus(s(I_p, T_b) - s(I_b, T_b))
+
+    the image against its caption and its partner's, and the caption against its image and its
+    partner's (two-way softmaxes), with s = logit scale x cosine. Partners are rows of this rank's
+    batch; the mean is over every rank's rows with one (0 when none has).
+    """
+    _check(image_BD, text_BD, text_BD.unsqueeze(1))
+    if pair_id_B.shape != image_BD.shape[:1]:
+        raise ValueError(f"pair_id has shape {tuple(pair_id_B.shape)}, expected ({image_BD.shape[0]},)")
+    partner, has = pair_partners(pair_id_B)
+    positive = (image_BD * text_BD).sum(-1)
+    wrong_text = (image_BD * text_BD[partner]).sum(-1)
+    wrong_image = (image_BD[partner] * text_BD).sum(-1)
+    per_B = F.softplus(logit_scale * (wrong_text - positive)) + F.softplus(logit_scale * (wrong_image - positive))
+    return _masked_global_mean(per_B, has, group)
+
+
+def _masked_global_mean(per_B: torch.Tensor, mask_B: torch.Tensor, group) -> torch.Tensor:
+    """Mean of ``per_B`` over every rank's rows where ``mask_B`` (counts may differ between ranks)."""
+    mask = mask_B.to(per_B.dtype)
     local_sum = (per_B * mask).sum()
     _, world = group_rank_world(group)
     totals = torch.stack([local_sum.detach(), mask.sum()])

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from vlp.losses.contrastive import clip_loss
-from vlp.losses.hard_negatives import counting_loss, image_grounded_loss, text_grounded_loss
+from vlp.losses.hard_negatives import counting_loss, image_grounded_loss, pair_loss, text_grounded_loss
 from vlp.losses.regularizers import alignment_loss, uniformity_loss
 from vlp.losses.siglip import siglip_loss
 from vlp.models.itm import itm_loss
@@ -56,7 +56,8 @@ class Objective:
         return total, terms
 
     def _generated_caption_terms(self, out: dict, group) -> dict[str, tuple[torch.Tensor, float]]:
-        """DeGLA's grounded contrasts on hard negatives and the counting loss on counterfactuals."""
+        """DeGLA's grounded contrasts on hard negatives, the counting loss on counterfactuals and the
+        minimal-pair loss."""
         n, terms = self.cfg.negatives, {}
         img, txt, neg, scale = (
             out["image_features"],
@@ -74,6 +75,8 @@ class Objective:
         if out.get("cf_text_features") is not None and self.cfg.counting_weight:
             cnt = counting_loss(img, txt, out["cf_text_features"], out["has_cf"], scale, group)
             terms["counting"] = (cnt, self.cfg.counting_weight)
+        if out.get("pair_id") is not None and self.cfg.pair_weight:
+            terms["pair"] = (pair_loss(img, txt, out["pair_id"], scale, group), self.cfg.pair_weight)
         return terms
 
     def local_terms(self, out: dict) -> dict[str, tuple[torch.Tensor, float]]:

@@ -70,6 +70,7 @@ def build_train_loader(cfg, model, env, state=None) -> StreamLoader:
             negatives_online=d.negatives.online,
             negatives_types=tuple(d.negatives.types),
             counterfactuals=d.counterfactuals,
+            pairs=cfg.loss.pair_weight > 0,
             seed=cfg.train.seed,
         ),
     )

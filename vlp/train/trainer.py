@@ -142,7 +142,7 @@ class Trainer:
 
     def _extra_captions(self) -> bool:
         d = self.cfg.data
-        return bool(d.negatives.k or d.counterfactuals)
+        return bool(d.negatives.k or d.counterfactuals or self.cfg.loss.pair_weight)
 
     def _use_feature_cache(self) -> bool:
         ok, why = cache_supported(self.model)
@@ -152,7 +152,7 @@ class Trainer:
         if ok and self.cfg.loss.distill.enabled:
             ok, why = False, "momentum distillation runs the towers of its teacher"
         if ok and self._extra_captions():
-            ok, why = False, "hard negatives and counterfactuals are encoded by the text tower in every step"
+            ok, why = False, "hard negatives, counterfactuals and minimal pairs are read from every batch"
         if self.cfg.model.cache_features == "off" or not ok:
             if self.cfg.model.cache_features == "auto" and trainable < total:
                 log.info("trunk features are not cached: %s", why)

@@ -1,0 +1,142 @@
+"""Minimal pairs of shapes scenes: the counterfactual changes one attribute, in the caption and only
+in the changed objects' pixels; shards hold each scene beside its counterfactual, the stream gives
+both the same ``pair_id``, and the trainer's objective adds the pair loss."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from tests.test_stream import _loader
+from vlp.data import synthetic
+from vlp.data.extra_captions import ExtraCaptionSpec
+from vlp.data.shards import write_synthetic_shards
+from vlp.data.synthetic_counterfactual import CHANGE_TYPES, counterfactual_scene, describes, size_flags
+from vlp.losses.hard_negatives import pair_partners
+
+
+def _changed_pixels_inside_changed_objects(scene, cf) -> bool:
+    a, b = np.asarray(scene.image, dtype=int), np.asarray(cf.image, dtype=int)
+    ys, xs = np.nonzero(np.abs(a - b).sum(-1))
+    changed = [
+        o
+        for o, n in zip(scene.meta["objects"], cf.meta["objects"])
+        if (o["shape"], o["color"]) != (n["shape"], n["color"])
+    ]
+    near = np.zeros(len(xs), dtype=bool)
+    for o in changed:  # pixel centres within the object's bounding circle (+1 pixel of anti-aliasing)
+        near |= (xs + 0.5 - o["x"]) ** 2 + (ys + 0.5 - o["y"]) ** 2 <= (o["r"] + 1) ** 2
+    return bool(changed) and len(xs) > 0 and bool(near.all())
+
+
+def test_a_counterfactual_changes_one_attribute_and_only_its_objects():
+    kinds_seen = set()
+    for index in range(60):
+        scene, cf = counterfactual_scene(3, index, CHANGE_TYPES)
+        reference = synthetic.make_scene(3, index)
+        assert scene.caption == reference.caption and np.array_equal(
+            np.asarray(scene.image), np.asarray(reference.image)
+        )
+        assert cf is not None  # a colour or a shape absent from the scene always exists
+        groups, new = scene.meta["groups"], cf.meta["groups"]
+        flags = size_flags(groups, scene.caption)
+        assert size_flags(new, cf.caption) == flags  # same phrasing: order and size words
+        assert cf.caption != scene.caption and not describes(new, flags, groups)
+        differing = [(g, n) for g, n in zip(groups, new) if g != n]
+        kind = cf.meta["counterfactual"]
+        kinds_seen.add(kind)
+        if kind == "swap_attribute":
+            assert len(differing) == 2 and [n["color"] for n in new] == [g["color"] for g in groups[::-1]]
+        else:
+            key = "color" if kind == "replace_attribute" else "shape"
+            assert len(differing) == 1 and [k for k in differing[0][0] if differing[0][0][k] != differing[0][1][k]] == [
+                key
+            ]
+            assert differing[0][1][key] not in {g[key] for g in groups}
+        assert [(o["x"], o["y"], o["r"]) for o in cf.meta["objects"]] == [
+            (o["x"], o["y"], o["r"]) for o in scene.meta["objects"]
+        ]
+        assert _changed_pixels_inside_changed_objects(scene, cf), index
+    assert kinds_seen == set(CHANGE_TYPES)
+
+
+def test_swaps_need_two_groups_and_kinds_are_checked():
+    one = next(i for i in range(100) if len(synthetic.make_scene(0, i).meta["groups"]) == 1)
+    assert counterfactual_scene(0, one, ("swap_attribute",))[1] is None
+    with pytest.raises(ValueError, match="non-empty subset"):
+        counterfactual_scene(0, 0, ("swap",))
+
+
+def test_pair_shards_keep_partners_side_by_side_and_the_stream_ids_them(tmp_path):
+    kinds = ("swap_attribute",)
+    info = write_synthetic_shards(
+        tmp_path, 24, seed=1, max_samples_per_shard=8, counterfactual_pairs=kinds, progress=False
+    )
+    assert info["num_samples"] == 24 and info["counterfactual_pairs"] == ["swap_attribute"]
+    assert info["skipped"]["no_counterfactual"] > 0  # one-group scenes have nothing to swap
+    spec = ExtraCaptionSpec(pairs=True)
+    batch = next(iter(_loader(str(tmp_path / info["shards"]), batch_size=8, extras=spec, shuffle_buffer=0)))
+    ids = batch["pair_id"]
+    assert ids.dtype.is_floating_point is False and ids[0::2].tolist() == ids[1::2].tolist()
+    assert pair_partners(ids)[1].all()
+    for a, b, meta in zip(batch["caption"][0::2], batch["caption"][1::2], batch["json"][1::2]):
+        words = [sorted("a" if w == "an" else w for w in c.split()) for c in (a, b)]  # "an orange" -> "a yellow"
+        assert a != b and words[0] == words[1] and meta["counterfactual"] == "swap_attribute"
+    # samples without a pair get -1; a batch without the option has no pair_id
+    plain = write_synthetic_shards(tmp_path / "plain", 8, seed=1, max_samples_per_shard=8, progress=False)
+    batch = next(iter(_loader(str(tmp_path / "plain" / plain["shards"]), batch_size=8, extras=spec)))
+    assert batch["pair_id"].tolist() == [-1] * 8
+    assert "pair_id" not in next(iter(_loader(str(tmp_path / "plain" / plain["shards"]), batch_size=8)))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"num_samples": 7}, "even num_samples"),
+        ({"max_samples_per_shard": 5}, "even num_samples and max_samples_per_shard"),
+        ({"single_group": True}, "single_group off"),
+        ({"counterfactual_pairs": ("replace_colour",)}, "unknown kinds"),
+    ],
+)
+def test_pair_shards_reject_what_cannot_pair(tmp_path, kw, match):
+    args = {"num_samples": 8, "max_samples_per_shard": 8, "counterfactual_pairs": ("replace_object",), **kw}
+    with pytest.raises(ValueError, match=match):
+        write_synthetic_shards(tmp_path, args.pop("num_samples"), progress=False, **args)
+
+
+def test_the_cli_writes_pairs_and_explains_bad_arguments(tmp_path, capsys):
+    from vlp.cli import main
+
+    assert main(["shards", "--synthetic", "--out", str(tmp_path / "p"), "--num-samples", "4",
+                 "--counterfactual-pairs", "replace_object,swap_attribute"]) == 0  # fmt: skip
+    info = json.loads((tmp_path / "p" / "_info.json").read_text())
+    assert info["counterfactual_pairs"] == ["replace_object", "swap_attribute"] and info["num_samples"] == 4
+    assert main(["shards", "--synthetic", "--out", str(tmp_path / "q"), "--num-samples", "4",
+                 "--counterfactual-pairs", "swap"]) == 2  # fmt: skip
+    assert "unknown kinds ['swap']" in capsys.readouterr().err
+
+
+def test_trainer_adds_the_pair_loss(tmp_path):
+    from vlp.config import load_config
+    from vlp.train.logging import read_metrics
+    from vlp.train.trainer import Trainer
+
+    info = write_synthetic_shards(
+        tmp_path / "pairs", 64, seed=1, max_samples_per_shard=32, counterfactual_pairs=CHANGE_TYPES, progress=False
+    )
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            f"data.train_shards=['{tmp_path / 'pairs' / info['shards']}']", "data.val_shards=[]", "eval.data=[]",
+            "eval.tasks=[]", "data.workers=0", "data.batch_size=8", "data.shuffle_buffer=0", "loss.pair_weight=2.0",
+            f"train.output_dir={tmp_path / 'run'}", "train.steps=3", "train.log_every=1", "train.checkpoint_every=0",
+        ],
+    )  # fmt: skip
+    Trainer(cfg).train()
+    last = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r][-1]
+    # each row's two terms start near 2 log 2 (equal similarities) and stay finite
+    assert 0 < last["loss/pair"] < 20
+    assert last["loss"] == pytest.approx(last["loss/contrastive"] + 2.0 * last["loss/pair"], rel=1e-4)
