@@ -140,3 +140,23 @@ def test_trainer_adds_the_pair_loss(tmp_path):
     # each row's two terms start near 2 log 2 (equal similarities) and stay finite
     assert 0 < last["loss/pair"] < 20
     assert last["loss"] == pytest.approx(last["loss/contrastive"] + 2.0 * last["loss/pair"], rel=1e-4)
+    assert last["data/paired_fraction"] == 1.0  # batches of 8 from shards of 32 in order: every row paired
+
+
+def test_a_pair_loss_without_pairs_warns(shapes_shards, tmp_path, capsys):
+    from vlp.config import load_config
+    from vlp.train.logging import read_metrics
+    from vlp.train.trainer import Trainer
+
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            f"data.train_shards=['{shapes_shards['train']}']", "data.val_shards=[]", "eval.data=[]", "eval.tasks=[]",
+            "data.workers=0", "data.batch_size=8", "loss.pair_weight=1.0", f"train.output_dir={tmp_path}",
+            "train.steps=2", "train.log_every=1", "train.checkpoint_every=0", "train.progress=off",
+        ],
+    )  # fmt: skip
+    Trainer(cfg).train()
+    assert capsys.readouterr().out.count("no training sample so far had a partner") == 1
+    last = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r][-1]
+    assert last["data/paired_fraction"] == 0.0 and last["loss/pair"] == 0.0

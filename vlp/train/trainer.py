@@ -86,6 +86,7 @@ class Trainer:
         self.guard = NonFiniteGuard(t.max_bad_steps)
         self.signals = StopSignals()
         self.skipped: Counter = Counter()
+        self.paired = [0, 0]  # loss.pair_weight: this rank's rows with a partner, and all rows
         self.eval_results: list[dict] = []
         self.last_eval_step = -1
         self.last_checkpoint: Path | None = None
@@ -216,6 +217,7 @@ class Trainer:
                 micro = [next(batches) for _ in range(self.cfg.train.accum_steps)]
                 loss, terms, updated = self.train_step(micro)
                 seen += sum(len(b["caption"]) for b in micro)
+                self._count_pairs(micro)
                 if updated:  # a skipped (non-finite) step is not a step: the next batch takes its place
                     self.step += 1
                     if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
@@ -336,6 +338,31 @@ class Trainer:
             torch.distributed.all_reduce(counts, group=self.env.group)
         return {k: int(v) for k, v in zip(SKIP_KINDS, counts.tolist()) if v}
 
+    def _count_pairs(self, micro_batches) -> None:
+        """Rows with a minimal-pair partner (loss.pair_weight), so a run whose shards have none says so."""
+        if not self.cfg.loss.pair_weight:
+            return
+        from vlp.losses.hard_negatives import pair_partners
+
+        for b in micro_batches:
+            ids = b.get("pair_id")
+            if ids is not None:
+                self.paired[0] += int(pair_partners(ids)[1].sum())
+                self.paired[1] += len(ids)
+
+    def _pair_metrics(self) -> dict:
+        if not self.cfg.loss.pair_weight or not self.paired[1]:
+            return {}
+        if not self.paired[0] and self.env.is_main and not getattr(self, "_warned_pairs", False):
+            self._warned_pairs = True
+            print(
+                "vlp: warning: loss.pair_weight is set but no training sample so far had a partner: the shards need "
+                "the same integer 'pair' in two samples' JSON (vlp shards --synthetic --counterfactual-pairs), read "
+                "in order (data.shuffle_buffer: 0)",
+                flush=True,
+            )
+        return {"data/paired_fraction": self.paired[0] / self.paired[1]}
+
     def log_step(self, loss, terms, samples_per_s_rank) -> None:
         self.skipped = Counter(self._global_skips())
         metrics = {
@@ -348,6 +375,7 @@ class Trainer:
         }
         if self.guard.total:
             metrics["train/skipped_nonfinite"] = self.guard.total
+        metrics.update(self._pair_metrics())
         if self.cfg.loss.distill.enabled:
             metrics["distill/alpha"] = self.objective.alpha
         for source, n in getattr(self.loader, "negative_sources", {}).items():
