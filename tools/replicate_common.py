@@ -25,6 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+QUICK_IMAGES = 2000  # --quick: training images when none are there yet, and the variant's own data
+
 METRICS = {  # report key -> the trainer's final eval key
     "zeroshot_acc1": "zeroshot_classification/acc1",
     "retrieval_t2i_r1": "zeroshot_retrieval/image_retrieval_recall@1",
@@ -75,7 +77,7 @@ def _data(out: Path, quick: bool, seed: int, train_images: int = 0) -> int:
     if train_images:
         demo.TRAIN_SAMPLES = train_images
     elif quick:  # fewer training shards (or those already there); the held-out sets stay as the demo's
-        demo.TRAIN_SAMPLES = json.loads(info.read_text())["num_samples"] if info.is_file() else 2000
+        demo.TRAIN_SAMPLES = json.loads(info.read_text())["num_samples"] if info.is_file() else QUICK_IMAGES
     demo.make_demo_data(out / "data", seed)
     return demo.TRAIN_SAMPLES
 
@@ -150,7 +152,7 @@ def replicate(
     steps = 20 if args.quick else args.steps
     train_images = _data(out, args.quick, 0, args.train_images)
     if variant_data is not None:
-        variant_overrides = [*variant_overrides, *variant_data(out, 2000 if args.quick else train_images)]
+        variant_overrides = [*variant_overrides, *variant_data(out, QUICK_IMAGES if args.quick else train_images)]
     runs = {"baseline": [], "variant": []}
     for seed in args.seeds:
         for kind, extra in (("baseline", []), ("variant", variant_overrides)):

@@ -227,11 +227,9 @@ def write_synthetic_shards(
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if counterfactual_pairs:
-        from vlp.data.synthetic_counterfactual import CHANGE_TYPES
+        from vlp.data.synthetic_counterfactual import check_kinds
 
-        unknown = sorted(set(counterfactual_pairs) - set(CHANGE_TYPES))
-        if unknown:
-            raise ValueError(f"counterfactual_pairs: unknown kinds {unknown}; expected some of {list(CHANGE_TYPES)}")
+        check_kinds(counterfactual_pairs)
         if num_samples % 2 or max_samples_per_shard % 2 or single_group:
             raise ValueError(
                 "counterfactual_pairs needs an even num_samples and max_samples_per_shard (pairs never straddle "

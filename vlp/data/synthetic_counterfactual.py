@@ -58,6 +58,16 @@ def describes(groups: list[dict], flags: tuple[bool, ...], image_groups: list[di
     )
 
 
+def check_kinds(kinds) -> None:
+    """Raise ValueError unless ``kinds`` is a non-empty subset of :data:`CHANGE_TYPES`."""
+    unknown = [k for k in kinds if k not in CHANGE_TYPES]
+    if unknown or not kinds:
+        raise ValueError(
+            f"counterfactual kinds must be a non-empty subset of {list(CHANGE_TYPES)}; unknown kinds {unknown} "
+            f"in {list(kinds)}"
+        )
+
+
 def changed_groups(groups: list[dict], kind: str, rng: np.random.Generator) -> list[dict] | None:
     """A copy of ``groups`` with one change, or None where ``kind`` does not apply.
 
@@ -92,9 +102,7 @@ def counterfactual_scene(
     order and size words. Its meta has ``groups`` and ``objects`` of the new scene, ``index``
     and ``seed`` of the original and ``counterfactual``: the kind.
     """
-    unknown = [k for k in kinds if k not in CHANGE_TYPES]
-    if unknown or not kinds:
-        raise ValueError(f"counterfactual kinds must be a non-empty subset of {CHANGE_TYPES}, got {list(kinds)}")
+    check_kinds(kinds)
     scene = synthetic.make_scene(seed, index, image_size=image_size)
     groups = scene.meta["groups"]
     flags = size_flags(groups, scene.caption)

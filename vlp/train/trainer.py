@@ -87,6 +87,7 @@ class Trainer:
         self.signals = StopSignals()
         self.skipped: Counter = Counter()
         self.paired = [0, 0]  # loss.pair_weight: this rank's rows with a partner, and all rows
+        self.warned_unpaired = False
         self.eval_results: list[dict] = []
         self.last_eval_step = -1
         self.last_checkpoint: Path | None = None
@@ -353,8 +354,8 @@ class Trainer:
     def _pair_metrics(self) -> dict:
         if not self.cfg.loss.pair_weight or not self.paired[1]:
             return {}
-        if not self.paired[0] and self.env.is_main and not getattr(self, "_warned_pairs", False):
-            self._warned_pairs = True
+        if not self.paired[0] and self.env.is_main and not self.warned_unpaired:
+            self.warned_unpaired = True
             print(
                 "vlp: warning: loss.pair_weight is set but no training sample so far had a partner: the shards need "
                 "the same integer 'pair' in two samples' JSON (vlp shards --synthetic --counterfactual-pairs), read "
