@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from tests.test_stream import _loader
+from tests.test_stream import _loader, _take
 from vlp.data import synthetic
 from vlp.data.extra_captions import ExtraCaptionSpec
 from vlp.data.shards import write_synthetic_shards
@@ -90,6 +90,37 @@ def test_pair_shards_keep_partners_side_by_side_and_the_stream_ids_them(tmp_path
     batch = next(iter(_loader(str(tmp_path / "plain" / plain["shards"]), batch_size=8, extras=spec)))
     assert batch["pair_id"].tolist() == [-1] * 8
     assert "pair_id" not in next(iter(_loader(str(tmp_path / "plain" / plain["shards"]), batch_size=8)))
+
+
+def test_pair_units_group_two_adjacent_samples_with_one_id():
+    from vlp.data.stream import pair_units
+
+    raw = [{"json": json.dumps({"pair": p}).encode()} for p in (5, 5, None, 7, 7, 7)]
+    raw += [{"json": b"{not json"}, {"__key__": "no-json"}, {"json": b'{"pair": 9}'}]
+    ids = [[json.loads(s["json"]).get("pair") if s.get("json", b"{").startswith(b'{"') else "x" for s in unit]
+           for unit in pair_units(iter(raw))]  # fmt: skip
+    assert ids == [[5, 5], [None], [7, 7], [7], ["x"], ["x"], [9]]
+
+
+def test_the_shuffle_buffer_moves_pairs_whole_and_resumes_exactly(tmp_path):
+    info = write_synthetic_shards(
+        tmp_path, 48, seed=2, max_samples_per_shard=8, counterfactual_pairs=CHANGE_TYPES, progress=False
+    )
+    pattern = str(tmp_path / info["shards"])
+    kw = dict(batch_size=8, shuffle_buffer=16, seed=4)
+    in_order = [k for b in _take(_loader(pattern, batch_size=8, shuffle_buffer=0), 6) for k in b["__key__"]]
+    full = _take(_loader(pattern, extras=ExtraCaptionSpec(pairs=True), **kw), 9)
+    epoch = [k for b in full[:6] for k in b["__key__"]]
+    assert sorted(epoch) == sorted(in_order) and epoch != in_order  # each sample once, in a new order
+    for b in full:
+        assert b["pair_id"][0::2].tolist() == b["pair_id"][1::2].tolist() and (b["pair_id"] >= 0).all()
+    # a plain buffer (no pair loss) splits pairs
+    plain = _take(_loader(pattern, **kw), 6)
+    assert any(b["json"][0]["pair"] != b["json"][1]["pair"] for b in plain)
+    first = _loader(pattern, extras=ExtraCaptionSpec(pairs=True), **kw)
+    head = _take(first, 4)
+    tail = _take(_loader(pattern, extras=ExtraCaptionSpec(pairs=True), state=first.state_dict(), **kw), 5)
+    assert [b["__key__"] for b in full] == [b["__key__"] for b in head + tail]
 
 
 @pytest.mark.parametrize(

@@ -224,7 +224,8 @@ class LossConfig:
         0.0,
         "Minimal-pair loss (0 = off): two samples of a batch whose JSON has the same `pair` (vlp shards --synthetic "
         "--counterfactual-pairs) are contrasted, each image against its caption and its partner's, each caption "
-        "against its image and its partner's. Read such shards in order (data.shuffle_buffer: 0).",
+        "against its image and its partner's. The sample shuffle buffer moves each pair (two adjacent samples with "
+        "the same id) as one unit, so partners stay side by side.",
     )
     negatives: HardNegativesLossConfig = field(default_factory=HardNegativesLossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

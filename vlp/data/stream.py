@@ -16,6 +16,7 @@ reader's epoch stream)), and a resumed run re-reads exactly those samples from t
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import random
@@ -27,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from vlp.data.decode import DecodeOptions, SkipCounter, caption_variant, decode_sample
-from vlp.data.extra_captions import ExtraCaptionSpec, extra_caption_tensors
+from vlp.data.extra_captions import ExtraCaptionSpec, extra_caption_tensors, pair_id
 from vlp.data.shardlists import reader_shards
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,28 @@ def _shard_samples(url: str, skips: SkipCounter) -> Iterator[dict]:
         stream.close()
 
 
+def pair_units(raw: Iterator[dict]) -> Iterator[list[dict]]:
+    """Raw samples as shuffle units: two consecutive samples with the same minimal-pair id (their
+    JSON's ``pair``, :func:`vlp.data.extra_captions.pair_id`) make one unit, so a shuffle buffer
+    moves a pair as a whole and the partners stay side by side; any other sample is a unit of its
+    own (a third sample with the same id too). Metadata that is not JSON gives no id here (decoding
+    counts it later)."""
+    unit, unit_id = [], -1
+    for sample in raw:
+        try:
+            meta = json.loads(sample["json"]) if "json" in sample else None
+        except ValueError:
+            meta = None
+        sid = pair_id({"json": meta})
+        if unit and (sid < 0 or sid != unit_id or len(unit) == 2):
+            yield unit
+            unit = []
+        unit.append(sample)
+        unit_id = sid
+    if unit:
+        yield unit
+
+
 class _SourceReader:
     """Raw samples of one source for one reader, epoch after epoch, from a replayable position."""
 
@@ -121,7 +144,10 @@ class _SourceReader:
         from webdataset.filters import _shuffle
 
         rng = random.Random(f"samples/{spec.seed}/{self.reader}/{epoch}")
-        return _shuffle(raw, bufsize=spec.shuffle_buffer, initial=spec.shuffle_buffer, rng=rng)
+        if not spec.extras.pairs:
+            return _shuffle(raw, bufsize=spec.shuffle_buffer, initial=spec.shuffle_buffer, rng=rng)
+        units = _shuffle(pair_units(raw), bufsize=spec.shuffle_buffer, initial=spec.shuffle_buffer, rng=rng)
+        return (sample for unit in units for sample in unit)
 
     def __iter__(self):
         epoch, skip = self.epoch, self.consumed
