@@ -30,6 +30,9 @@ def test_quick_replication_prints_one_json_object(demo_data, tmp_path, monkeypat
     train_images = json.loads((demo_data / "train" / "_info.json").read_text())["num_samples"]
     argv = [str(script), "--quick", "--json", "--out", str(tmp_path), "--eval-every", str(every)]
     argv += ["--train-images", str(train_images)] if name == "counting" else []
+    # two sources of pairs (one kind each), shuffled through the pair-aware buffer
+    pairs_args = ["--kinds", "swap_attribute", "--kinds", "replace_object", "--shuffle-buffer", "64"]
+    argv += pairs_args if name == "pairs" else []
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.syspath_prepend(str(script.parent))
     monkeypatch.chdir(REPO)
@@ -42,9 +45,14 @@ def test_quick_replication_prints_one_json_object(demo_data, tmp_path, monkeypat
         assert 0 <= result[kind][metric] <= 1 and 0 <= result[kind]["zeroshot_acc1"] <= 1
     assert result["delta"][metric] == pytest.approx(result["variant"][metric] - result["baseline"][metric])
     assert metric in result["targets"] and (tmp_path / f"replicate_{name}.json").is_file()
-    if name == "pairs":  # the variant trains on its own shards of minimal pairs, as many images as --quick's
-        assert json.loads((tmp_path / "pairs" / "_info.json").read_text())["num_samples"] == 2000
-        assert any("pairs/shapes-" in o for o in result["variant_overrides"])
+    if name == "pairs":  # the variant trains on its own shards of minimal pairs, as many images as --quick's per source
+        for folder, kind, start in (("pairs", "swap_attribute", 0), ("pairs-1", "replace_object", 1_000_000)):
+            info = json.loads((tmp_path / folder / "_info.json").read_text())
+            assert info["num_samples"] == 2000 and info["counterfactual_pairs"] == [kind]
+            assert info["start_index"] == start
+        shards = next(o for o in result["variant_overrides"] if o.startswith("data.train_shards="))
+        assert "pairs/shapes-" in shards and "pairs-1/shapes-" in shards
+        assert "data.shuffle_buffer=64" in result["variant_overrides"]
     # the per-type accuracies are reported; the demo's test has 500 rows of each type
     kinds = ("swap_attribute", "replace_attribute", "replace_object")
     by_type = [result["baseline"][f"compositional_{t}"] for t in kinds]
@@ -72,3 +80,16 @@ def test_train_images_must_fill_whole_shards(monkeypatch, capsys, bad):
         f"--train-images must be a positive multiple of 1000 (shards of that size), got {bad}"
         in capsys.readouterr().err
     )
+
+
+def test_pair_sources_stay_apart_from_the_held_out_scenes(tmp_path, monkeypatch):
+    import argparse
+
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    from replicate_pairs import pair_shards
+
+    with pytest.raises(SystemExit, match="at most 10 --kinds sources"):
+        pair_shards(tmp_path, 8, argparse.Namespace(kinds=["replace_object"] * 11, shuffle_buffer=0))
+    with pytest.raises(SystemExit, match="--shuffle-buffer must be >= 0"):
+        pair_shards(tmp_path, 8, argparse.Namespace(kinds=None, shuffle_buffer=-1))
+    assert not any(tmp_path.iterdir())  # refused before writing anything

@@ -39,7 +39,7 @@ METRICS = {  # report key -> the trainer's final eval key
 }
 
 
-def parse_args(name: str, default_steps: int = 600) -> argparse.Namespace:
+def parse_args(name: str, default_steps: int = 600, add_options: Callable | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=f"baseline vs {name} on the shapes data (see {__file__})")
     p.add_argument("--out", default=f"runs/replicate_{name}", help="data, runs and the JSON go here")
     p.add_argument("--steps", type=int, default=default_steps, help="training steps of every run")
@@ -58,6 +58,8 @@ def parse_args(name: str, default_steps: int = 600) -> argparse.Namespace:
         "--eval-every", type=int, default=0, metavar="N", help="also evaluate every N steps: the gain along training"
     )
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override (both runs)")
+    if add_options is not None:
+        add_options(p)
     args = p.parse_args()
     from vlp import demo
 
@@ -141,18 +143,20 @@ def replicate(
     variant_overrides: list[str],
     targets: dict[str, float],
     default_steps: int = 600,
-    variant_data: Callable[[Path, int], list[str]] | None = None,
+    variant_data: Callable[[Path, int, argparse.Namespace], list[str]] | None = None,
+    add_options: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> dict:
     """Run baseline and variant for every seed; ``targets``: metric -> required mean gain (negative:
-    the largest allowed drop). ``variant_data(out, images)``, if given, makes the variant's own
+    the largest allowed drop). ``variant_data(out, images, args)``, if given, makes the variant's own
     training data of that many images (as many as the baseline's; 2,000 with --quick) under
-    ``out`` and returns the overrides that point the variant at it."""
-    args = parse_args(name, default_steps)
+    ``out`` and returns the overrides that point the variant at it. ``add_options(parser)`` adds a
+    script's own command-line options; ``args`` holds them."""
+    args = parse_args(name, default_steps, add_options)
     out = Path(args.out)
     steps = 20 if args.quick else args.steps
     train_images = _data(out, args.quick, 0, args.train_images)
     if variant_data is not None:
-        variant_overrides = [*variant_overrides, *variant_data(out, QUICK_IMAGES if args.quick else train_images)]
+        variant_overrides = [*variant_overrides, *variant_data(out, QUICK_IMAGES if args.quick else train_images, args)]
     runs = {"baseline": [], "variant": []}
     for seed in args.seeds:
         for kind, extra in (("baseline", []), ("variant", variant_overrides)):

@@ -6,28 +6,65 @@ replaced; `vlp shards --synthetic --counterfactual-pairs`) read in order, with t
 
     python tools/replicate_pairs.py --seeds 0 1 2    # about 15 minutes on 2 quiet CPU cores
     python tools/replicate_pairs.py --quick --json   # a smoke run, one JSON object
+
+``--kinds`` picks the counterfactual kinds; given more than once, each is a source of its own (as
+many images each), mixed 1:1, e.g. ``--kinds swap_attribute --kinds replace_object``.
+``--shuffle-buffer N`` shuffles the variant's pairs through the pair-aware buffer instead of reading
+them in order. docs/results.md records the runs of each.
 """
 
+import argparse
 from pathlib import Path
 
 from replicate_common import replicate
 
 KINDS = ("swap_attribute", "replace_object")  # the two types the baseline has not solved (docs/results.md)
-VARIANT = ["loss.pair_weight=6.0", "data.shuffle_buffer=0"]
+VARIANT = ["loss.pair_weight=6.0"]
 TARGETS = {"compositional_acc": 0.10}
+SOURCE_INDEX_STRIDE = 1_000_000  # scene indices of source i start at i x this: pair ids never collide
 
 
-def pair_shards(out: Path, images: int) -> list[str]:
-    """Write (or reuse) ``images`` images of minimal pairs under ``out/pairs``; the overrides that
-    train on them."""
+def add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kinds",
+        action="append",
+        metavar="KINDS",
+        help=f"comma-separated counterfactual kinds of one source of pairs (default {','.join(KINDS)}); repeat "
+        "for more sources, mixed 1:1",
+    )
+    p.add_argument(
+        "--shuffle-buffer", type=int, default=0, metavar="N", help="the variant's shuffle buffer (default 0: in order)"
+    )
+
+
+def pair_shards(out: Path, images: int, args: argparse.Namespace) -> list[str]:
+    """Write (or reuse) ``images`` images of minimal pairs per source under ``out/pairs`` (the first)
+    and ``out/pairs-<i>``; the overrides that train on them."""
     from vlp import demo
     from vlp.data.shards import write_synthetic_shards
 
-    info = write_synthetic_shards(
-        out / "pairs", images, seed=0, max_samples_per_shard=demo.PER_SHARD, counterfactual_pairs=KINDS
-    )
-    return [f"data.train_shards=['{out / 'pairs' / info['shards']}']"]
+    if args.shuffle_buffer < 0:
+        raise SystemExit(f"--shuffle-buffer must be >= 0, got {args.shuffle_buffer}")
+    sources = args.kinds or [",".join(KINDS)]
+    if len(sources) * SOURCE_INDEX_STRIDE > demo.VAL_START:
+        raise SystemExit(f"at most {demo.VAL_START // SOURCE_INDEX_STRIDE} --kinds sources (held-out scenes follow)")
+    patterns = []
+    for i, kinds in enumerate(sources):
+        folder = out / ("pairs" if i == 0 else f"pairs-{i}")
+        info = write_synthetic_shards(
+            folder,
+            images,
+            seed=0,
+            start_index=i * SOURCE_INDEX_STRIDE,
+            max_samples_per_shard=demo.PER_SHARD,
+            counterfactual_pairs=tuple(k.strip() for k in kinds.split(",")),
+        )
+        scenes = images // 2 + sum(info["skipped"].values())
+        if scenes > SOURCE_INDEX_STRIDE:  # pair ids (scene indices) would overlap the next source's
+            raise SystemExit(f"source {i} ({kinds}) used {scenes} scene indices, more than {SOURCE_INDEX_STRIDE}")
+        patterns.append(str(folder / info["shards"]))
+    return [f"data.train_shards={patterns}", f"data.shuffle_buffer={args.shuffle_buffer}"]
 
 
 if __name__ == "__main__":
-    replicate("pairs", VARIANT, TARGETS, variant_data=pair_shards)
+    replicate("pairs", VARIANT, TARGETS, variant_data=pair_shards, add_options=add_options)

@@ -208,8 +208,8 @@ def write_synthetic_shards(
     With ``counterfactual_pairs`` (kinds of :data:`vlp.data.synthetic_counterfactual.CHANGE_TYPES`)
     every scene is followed by its counterfactual: ``num_samples / 2`` minimal pairs, each pair's
     JSON holding ``"pair": index``; scenes with no counterfactual of those kinds are skipped and
-    counted in ``skipped``. Read them in order (``data.shuffle_buffer: 0``) so that pairs share a
-    batch, for ``loss.pair_weight``.
+    counted in ``skipped``. For ``loss.pair_weight``: the stream's shuffle buffer keeps each pair
+    together (:func:`vlp.data.stream.pair_units`), so partners share a batch.
 
     Idempotent: when ``out_dir/_info.json`` records the same parameters and all its shards
     exist, nothing is written and the stored info is returned.
