@@ -358,8 +358,7 @@ class Trainer:
             self.warned_unpaired = True
             print(
                 "vlp: warning: loss.pair_weight is set but no training sample so far had a partner: the shards need "
-                "the same integer 'pair' in two samples' JSON (vlp shards --synthetic --counterfactual-pairs), read "
-                "in order (data.shuffle_buffer: 0)",
+                "the same integer 'pair' in two adjacent samples' JSON (vlp shards --synthetic --counterfactual-pairs)",
                 flush=True,
             )
         return {"data/paired_fraction": self.paired[0] / self.paired[1]}
