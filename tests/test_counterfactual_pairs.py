@@ -102,6 +102,30 @@ def test_pair_units_group_two_adjacent_samples_with_one_id():
     assert ids == [[5, 5], [None], [7, 7], [7], ["x"], ["x"], [9]]
 
 
+def test_pair_ids_of_mixed_sources_never_collide(tmp_path):
+    from vlp.data.extra_captions import PAIR_ID_LIMIT, pair_id
+
+    assert pair_id({"json": {"pair": PAIR_ID_LIMIT - 1}}) == PAIR_ID_LIMIT - 1
+    assert pair_id({"json": {"pair": PAIR_ID_LIMIT}}) == pair_id({"json": {"pair": True}}) == -1
+    # two sources whose JSON ids are the same scene indices (both start at 0)
+    patterns = []
+    for kind in ("swap_attribute", "replace_object"):
+        info = write_synthetic_shards(
+            tmp_path / kind, 32, seed=3, max_samples_per_shard=32, counterfactual_pairs=(kind,), progress=False
+        )
+        patterns.append(str(tmp_path / kind / info["shards"]))
+    batch = next(iter(_loader(patterns, batch_size=32, shuffle_buffer=0, extras=ExtraCaptionSpec(pairs=True))))
+    ids = batch["pair_id"]
+    source, own = ids // PAIR_ID_LIMIT, ids % PAIR_ID_LIMIT
+    assert set(source.tolist()) == {0, 1} and (ids >= 0).all()
+    assert set(own[source == 0].tolist()) & set(own[source == 1].tolist())  # the JSON ids collide ...
+    for b, json_ in enumerate(batch["json"]):
+        assert own[b] == json_["pair"]
+    paired = pair_partners(ids)[1]
+    # ... yet each row's partner is its own source's: only a pair cut by the end of the batch has none
+    assert paired.sum() >= len(ids) - 2
+
+
 def test_the_shuffle_buffer_moves_pairs_whole_and_resumes_exactly(tmp_path):
     info = write_synthetic_shards(
         tmp_path, 48, seed=2, max_samples_per_shard=8, counterfactual_pairs=CHANGE_TYPES, progress=False

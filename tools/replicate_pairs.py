@@ -21,7 +21,7 @@ from replicate_common import replicate
 KINDS = ("swap_attribute", "replace_object")  # the two types the baseline has not solved (docs/results.md)
 VARIANT = ["loss.pair_weight=6.0"]
 TARGETS = {"compositional_acc": 0.10}
-SOURCE_INDEX_STRIDE = 1_000_000  # scene indices of source i start at i x this: pair ids never collide
+SOURCE_INDEX_STRIDE = 1_000_000  # scene indices of source i start at i x this: no scene is in two sources
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
@@ -60,7 +60,7 @@ def pair_shards(out: Path, images: int, args: argparse.Namespace) -> list[str]:
             counterfactual_pairs=tuple(k.strip() for k in kinds.split(",")),
         )
         scenes = images // 2 + sum(info["skipped"].values())
-        if scenes > SOURCE_INDEX_STRIDE:  # pair ids (scene indices) would overlap the next source's
+        if scenes > SOURCE_INDEX_STRIDE:  # its scenes would overlap the next source's
             raise SystemExit(f"source {i} ({kinds}) used {scenes} scene indices, more than {SOURCE_INDEX_STRIDE}")
         patterns.append(str(folder / info["shards"]))
     return [f"data.train_shards={patterns}", f"data.shuffle_buffer={args.shuffle_buffer}"]

@@ -12,8 +12,9 @@ Added to a batch (see :class:`vlp.data.stream.ShardStream`) when configured:
   (:func:`vlp.data.counting.counterfactual`) of every caption with exactly one count in 2..10;
   others carry their own caption and ``has_cf`` False.
 - ``pair_id`` (B int64): the sample's minimal pair, the integer ``pair`` of its JSON (``vlp shards
-  --synthetic --counterfactual-pairs``), or -1. Two samples of a batch with the same id are partners
-  for ``loss.pair_weight``.
+  --synthetic --counterfactual-pairs``, 0 <= pair < 2**48) plus its source's index x 2**48, or -1.
+  Two samples of a batch with the same id are partners for ``loss.pair_weight``; samples of two
+  mixed sources never are, even when their JSON ids are equal.
 
 Every random choice is seeded from (seed, sample key, epoch): reproducible and exact on resume.
 """
@@ -110,12 +111,25 @@ def extra_caption_tensors(samples: list[dict], tokenizer, spec: ExtraCaptionSpec
         out["text_cf"] = tokenizer([c if c is not None else cap for c, cap in zip(cfs, captions)])
         out["has_cf"] = torch.tensor([c is not None for c in cfs], dtype=torch.bool)
     if spec.pairs:
-        out["pair_id"] = torch.tensor([pair_id(s) for s in samples], dtype=torch.int64)
+        out["pair_id"] = torch.tensor([source_pair_id(s) for s in samples], dtype=torch.int64)
     return out
 
 
+PAIR_ID_LIMIT = 2**48  # JSON pair ids below this; the source index fills the bits above (int64)
+
+
 def pair_id(sample: dict) -> int:
-    """The sample's minimal-pair id: its JSON's non-negative integer ``pair``, else -1 (no partner)."""
+    """The sample's minimal-pair id: its JSON's integer ``pair`` in [0, PAIR_ID_LIMIT), else -1 (no
+    partner)."""
     meta = sample.get("json")
     value = meta.get("pair") if isinstance(meta, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else -1
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < PAIR_ID_LIMIT
+    return value if ok else -1
+
+
+def source_pair_id(sample: dict) -> int:
+    """:func:`pair_id` made unique across mixed sources: source index x PAIR_ID_LIMIT + id (the source
+    is the first item of the stream's ``_origin``; 0 without one), or -1."""
+    value = pair_id(sample)
+    source = sample.get("_origin", (0,))[0]
+    return -1 if value < 0 else source * PAIR_ID_LIMIT + value
