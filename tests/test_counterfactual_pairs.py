@@ -14,8 +14,14 @@ from tests.test_stream import _loader, _take
 from vlp.data import synthetic
 from vlp.data.extra_captions import ExtraCaptionSpec
 from vlp.data.shards import write_synthetic_shards
-from vlp.data.synthetic_counterfactual import CHANGE_TYPES, counterfactual_scene, describes, size_flags
-from vlp.losses.hard_negatives import pair_partners
+from vlp.data.synthetic_counterfactual import (
+    CHANGE_TYPES,
+    counterfactual_group,
+    counterfactual_scene,
+    describes,
+    size_flags,
+)
+from vlp.losses.hard_negatives import pair_groups
 
 
 def _changed_pixels_inside_changed_objects(scene, cf) -> bool:
@@ -81,7 +87,7 @@ def test_pair_shards_keep_partners_side_by_side_and_the_stream_ids_them(tmp_path
     batch = next(iter(_loader(str(tmp_path / info["shards"]), batch_size=8, extras=spec, shuffle_buffer=0)))
     ids = batch["pair_id"]
     assert ids.dtype.is_floating_point is False and ids[0::2].tolist() == ids[1::2].tolist()
-    assert pair_partners(ids)[1].all()
+    assert pair_groups(ids)[1].all()
     for a, b, meta in zip(batch["caption"][0::2], batch["caption"][1::2], batch["json"][1::2]):
         words = [sorted("a" if w == "an" else w for w in c.split()) for c in (a, b)]  # "an orange" -> "a yellow"
         assert a != b and words[0] == words[1] and meta["counterfactual"] == "swap_attribute"
@@ -92,14 +98,15 @@ def test_pair_shards_keep_partners_side_by_side_and_the_stream_ids_them(tmp_path
     assert "pair_id" not in next(iter(_loader(str(tmp_path / "plain" / plain["shards"]), batch_size=8)))
 
 
-def test_pair_units_group_two_adjacent_samples_with_one_id():
+def test_pair_units_group_adjacent_samples_with_one_id():
     from vlp.data.stream import pair_units
 
-    raw = [{"json": json.dumps({"pair": p}).encode()} for p in (5, 5, None, 7, 7, 7)]
+    raw = [{"json": json.dumps({"pair": p}).encode()} for p in (5, 5, None, 7, 7, 7, 8, 8, 8, 8, 8)]
     raw += [{"json": b"{not json"}, {"__key__": "no-json"}, {"json": b'{"pair": 9}'}]
     ids = [[json.loads(s["json"]).get("pair") if s.get("json", b"{").startswith(b'{"') else "x" for s in unit]
            for unit in pair_units(iter(raw))]  # fmt: skip
-    assert ids == [[5, 5], [None], [7, 7], [7], ["x"], ["x"], [9]]
+    # at most PAIR_GROUP_LIMIT (4) samples per unit: a fifth with the same id starts a unit of its own
+    assert ids == [[5, 5], [None], [7, 7, 7], [8, 8, 8, 8], [8], ["x"], ["x"], [9]]
 
 
 def test_pair_ids_of_mixed_sources_never_collide(tmp_path):
@@ -121,7 +128,7 @@ def test_pair_ids_of_mixed_sources_never_collide(tmp_path):
     assert set(own[source == 0].tolist()) & set(own[source == 1].tolist())  # the JSON ids collide ...
     for b, json_ in enumerate(batch["json"]):
         assert own[b] == json_["pair"]
-    paired = pair_partners(ids)[1]
+    paired = pair_groups(ids)[1]
     # ... yet each row's partner is its own source's: only a pair cut by the end of the batch has none
     assert paired.sum() >= len(ids) - 2
 
@@ -147,13 +154,60 @@ def test_the_shuffle_buffer_moves_pairs_whole_and_resumes_exactly(tmp_path):
     assert [b["__key__"] for b in full] == [b["__key__"] for b in head + tail]
 
 
+def test_a_group_has_one_counterfactual_of_every_kind():
+    kinds = ("swap_attribute", "replace_object")
+    groups = 0
+    for index in range(40):
+        scene, members = counterfactual_group(5, index, kinds)
+        _, cf = counterfactual_scene(5, index, kinds)
+        if len(scene.meta["groups"]) != 2 or len({g["color"] for g in scene.meta["groups"]}) != 2:
+            assert members == [] and (cf is None or cf.meta["counterfactual"] == "replace_object")
+            continue
+        groups += 1
+        assert [m.meta["counterfactual"] for m in members] == list(kinds)
+        # the pair's counterfactual is one of the group's, drawn from the same changes
+        assert cf.caption in [m.caption for m in members]
+        flags = size_flags(scene.meta["groups"], scene.caption)
+        captions = {scene.caption, *(m.caption for m in members)}
+        assert len(captions) == 3 and not any(describes(m.meta["groups"], flags, scene.meta["groups"]) for m in members)
+        assert all(_changed_pixels_inside_changed_objects(scene, m) for m in members)
+    assert 5 <= groups < 40
+    two = next(i for i in range(40) if len(counterfactual_group(5, i, kinds)[1]) == 2)
+    assert [m.meta["counterfactual"] for m in counterfactual_group(5, two, CHANGE_TYPES[::-1])[1]] == [
+        "replace_object", "replace_attribute", "swap_attribute"
+    ]  # fmt: skip
+
+
+def test_group_shards_keep_each_group_together_in_the_stream(tmp_path):
+    kinds = ("swap_attribute", "replace_object")
+    info = write_synthetic_shards(
+        tmp_path, 48, seed=1, max_samples_per_shard=12, counterfactual_pairs=kinds, every_kind=True, progress=False
+    )
+    assert info["every_kind"] is True and info["num_samples"] == 48 and info["num_shards"] == 4
+    assert info["skipped"]["no_counterfactual"] > 0  # scenes without two differently coloured groups
+    pattern = str(tmp_path / info["shards"])
+    spec = ExtraCaptionSpec(pairs=True)
+    for buffer in (0, 12):
+        batches = _take(_loader(pattern, batch_size=12, shuffle_buffer=buffer, seed=3, extras=spec), 4)
+        for b in batches:
+            ids = b["pair_id"].tolist()
+            assert ids[0::3] == ids[1::3] == ids[2::3] and len(set(ids)) == 4  # side by side, whole
+            assert pair_groups(b["pair_id"])[1].all()
+            assert [m.get("counterfactual") for m in b["json"][:3]] == [None, *kinds]
+            keys = b["__key__"]
+            assert keys[1::3] == [k + "_cf0" for k in keys[0::3]] and keys[2::3] == [k + "_cf1" for k in keys[0::3]]
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"num_samples": 7}, "even num_samples"),
-        ({"max_samples_per_shard": 5}, "even num_samples and max_samples_per_shard"),
+        ({"num_samples": 7}, "multiples of 2"),
+        ({"max_samples_per_shard": 5}, "multiples of 2"),
         ({"single_group": True}, "single_group off"),
         ({"counterfactual_pairs": ("replace_colour",)}, "unknown kinds"),
+        ({"every_kind": True, "counterfactual_pairs": ("replace_object", "swap_attribute")}, "multiples of 3"),
+        ({"every_kind": True, "counterfactual_pairs": ("replace_object",) * 2}, "distinct kinds"),
+        ({"every_kind": True, "counterfactual_pairs": ()}, "every_kind needs counterfactual_pairs"),
     ],
 )
 def test_pair_shards_reject_what_cannot_pair(tmp_path, kw, match):
@@ -172,6 +226,12 @@ def test_the_cli_writes_pairs_and_explains_bad_arguments(tmp_path, capsys):
     assert main(["shards", "--synthetic", "--out", str(tmp_path / "q"), "--num-samples", "4",
                  "--counterfactual-pairs", "swap"]) == 2  # fmt: skip
     assert "unknown kinds ['swap']" in capsys.readouterr().err
+    assert main(["shards", "--synthetic", "--out", str(tmp_path / "g"), "--num-samples", "6", "--every-kind",
+                 "--counterfactual-pairs", "replace_object,swap_attribute",
+                 "--max-samples-per-shard", "6"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "g" / "_info.json").read_text())["every_kind"] is True
+    assert main(["shards", "--synthetic", "--out", str(tmp_path / "h"), "--num-samples", "4", "--every-kind"]) == 2
+    assert "every_kind needs counterfactual_pairs" in capsys.readouterr().err
 
 
 def test_trainer_adds_the_pair_loss(tmp_path):

@@ -13,8 +13,8 @@ from vlp.losses.hard_negatives import (
     image_grounded_loss,
     negative_columns,
     own_negatives_mask,
+    pair_groups,
     pair_loss,
-    pair_partners,
     text_grounded_loss,
 )
 
@@ -28,8 +28,9 @@ def _leaves(seed=0):
     leaves["scale"] = torch.tensor(12.0, dtype=torch.float64)
     out = {k: v.clone().requires_grad_(k != "teacher") for k, v in leaves.items()}
     out["has_cf"] = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1], dtype=torch.bool)
-    # pairs (0, 1), (4, 5), (6, 7); row 2's id is its own, row 3 has none (-1); each half is a rank's
-    out["pair_id"] = torch.tensor([10, 10, 11, -1, 12, 12, 3, 3])
+    # the pair (0, 1) and the group (4, 5, 6); rows 2 and 7 have ids of their own, row 3 none (-1);
+    # each half is a rank's
+    out["pair_id"] = torch.tensor([10, 10, 11, -1, 12, 12, 12, 3])
     return out
 
 
@@ -47,15 +48,15 @@ def _reference(name, x):
         pos = 10.0 * (x["txt"] * x["teacher"]).sum(-1)
         return _ce_first(pos, 10.0 * torch.einsum("bd,bkd->bk", x["txt"], x["neg"]))
     if name == "pair":
-        terms = []
+        terms, s = [], x["scale"]
         for b in range(N):
-            partners = [p for p in range(N) if p != b and x["pair_id"][p] == x["pair_id"][b] >= 0]
-            if len(partners) != 1:
+            group = [c for c in range(N) if x["pair_id"][c] == x["pair_id"][b] >= 0]
+            if len(group) < 2:
                 continue
-            p, s = partners[0], x["scale"]
             pos = torch.exp(s * x["img"][b] @ x["txt"][b])
-            wrong_text, wrong_image = torch.exp(s * x["img"][b] @ x["txt"][p]), torch.exp(s * x["img"][p] @ x["txt"][b])
-            terms.append(-torch.log(pos / (pos + wrong_text)) - torch.log(pos / (pos + wrong_image)))
+            texts = sum(torch.exp(s * x["img"][b] @ x["txt"][c]) for c in group)
+            images = sum(torch.exp(s * x["img"][c] @ x["txt"][b]) for c in group)
+            terms.append(-torch.log(pos / texts) - torch.log(pos / images))
         return torch.stack(terms).mean()
     s_pos = x["scale"] * (x["img"] * x["txt"]).sum(-1)
     s_cf = x["scale"] * (x["img"] * x["cf"]).sum(-1)
@@ -76,10 +77,25 @@ def _ours(name, x, sl=slice(None), group=None):
 NAMES = ["image_grounded", "text_grounded", "counting", "pair"]
 
 
-def test_pair_partners():
-    index, has = pair_partners(torch.tensor([10, 10, 11, -1, 12, 12, 12, 3, 3, -1]))
-    assert has.tolist() == [True, True, False, False, False, False, False, True, True, False]
-    assert index.tolist() == [1, 0, 2, 3, 4, 5, 6, 8, 7, 9]  # an id on three rows pairs none of them
+def test_pair_groups():
+    ids = torch.tensor([10, 10, 11, -1, 12, 12, 12, 3, 3, -1] + [7] * 5)
+    same, has = pair_groups(ids)
+    # two to four rows with one id make a group; an id on five rows is a bad id: none of them
+    assert has.tolist() == [True, True, False, False, True, True, True, True, True, False] + [False] * 5
+    assert same[4].nonzero().flatten().tolist() == [4, 5, 6] and same[0].nonzero().flatten().tolist() == [0, 1]
+    assert not same[2].any() and not same[10:].any() and torch.equal(same, same.t())
+
+
+def test_the_pair_loss_of_a_pair_is_two_softplus_terms():
+    x = _leaves()
+    s, (a, b) = x["scale"], (0, 1)
+    img, txt = x["img"].detach(), x["txt"].detach()
+    expected = 0.0
+    for i, j in ((a, b), (b, a)):
+        pos = s * img[i] @ txt[i]
+        expected += F.softplus(s * img[i] @ txt[j] - pos) + F.softplus(s * img[j] @ txt[i] - pos)
+    ids = torch.tensor([5, 5, -1, -1, -1, -1, -1, -1])
+    assert torch.allclose(pair_loss(img, txt, ids, s), expected / 2, rtol=0, atol=1e-12)
 
 
 def test_pair_loss_without_pairs_is_zero_and_checks_shapes():

@@ -30,8 +30,9 @@ def test_quick_replication_prints_one_json_object(demo_data, tmp_path, monkeypat
     train_images = json.loads((demo_data / "train" / "_info.json").read_text())["num_samples"]
     argv = [str(script), "--quick", "--json", "--out", str(tmp_path), "--eval-every", str(every)]
     argv += ["--train-images", str(train_images)] if name == "counting" else []
-    # two sources of pairs (one kind each), shuffled through the pair-aware buffer
-    pairs_args = ["--kinds", "swap_attribute", "--kinds", "replace_object", "--shuffle-buffer", "64"]
+    # two sources, minimal groups (one counterfactual of each kind) and pairs, shuffled by the pair-aware buffer
+    pairs_args = ["--kinds", "swap_attribute,replace_object", "--kinds", "replace_object", "--every-kind"]
+    pairs_args += ["--shuffle-buffer", "64"]
     argv += pairs_args if name == "pairs" else []
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.syspath_prepend(str(script.parent))
@@ -45,11 +46,14 @@ def test_quick_replication_prints_one_json_object(demo_data, tmp_path, monkeypat
         assert 0 <= result[kind][metric] <= 1 and 0 <= result[kind]["zeroshot_acc1"] <= 1
     assert result["delta"][metric] == pytest.approx(result["variant"][metric] - result["baseline"][metric])
     assert metric in result["targets"] and (tmp_path / f"replicate_{name}.json").is_file()
-    if name == "pairs":  # the variant trains on its own shards of minimal pairs, as many images as --quick's per source
-        for folder, kind, start in (("pairs", "swap_attribute", 0), ("pairs-1", "replace_object", 1_000_000)):
+    if name == "pairs":  # the variant trains on its own shards, about as many images as --quick's per source
+        sources = [("pairs", ["swap_attribute", "replace_object"], 0, 1998)]
+        sources += [("pairs-1", ["replace_object"], 1_000_000, 2000)]
+        for folder, kinds, start, images in sources:  # groups of three fill shards of 999, pairs of 1,000
             info = json.loads((tmp_path / folder / "_info.json").read_text())
-            assert info["num_samples"] == 2000 and info["counterfactual_pairs"] == [kind]
-            assert info["start_index"] == start
+            assert info["num_samples"] == images and info["counterfactual_pairs"] == kinds
+            assert info["start_index"] == start and info["every_kind"] is True
+            assert info["max_samples_per_shard"] == images // 2
         shards = next(o for o in result["variant_overrides"] if o.startswith("data.train_shards="))
         assert "pairs/shapes-" in shards and "pairs-1/shapes-" in shards
         assert "data.shuffle_buffer=64" in result["variant_overrides"]

@@ -10,7 +10,9 @@ replaced; `vlp shards --synthetic --counterfactual-pairs`) read in order, with t
 ``--kinds`` picks the counterfactual kinds; given more than once, each is a source of its own (as
 many images each), mixed 1:1, e.g. ``--kinds swap_attribute --kinds replace_object``.
 ``--shuffle-buffer N`` shuffles the variant's pairs through the pair-aware buffer instead of reading
-them in order. docs/results.md records the runs of each.
+them in order. ``--every-kind`` gives each scene one counterfactual of every kind of its source (a
+minimal group, `vlp shards --every-kind`) instead of one drawn kind. docs/results.md records the runs
+of each.
 """
 
 import argparse
@@ -35,6 +37,11 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shuffle-buffer", type=int, default=0, metavar="N", help="the variant's shuffle buffer (default 0: in order)"
     )
+    p.add_argument(
+        "--every-kind",
+        action="store_true",
+        help="minimal groups: each scene followed by one counterfactual of every kind of its source",
+    )
 
 
 def pair_shards(out: Path, images: int, args: argparse.Namespace) -> list[str]:
@@ -51,17 +58,20 @@ def pair_shards(out: Path, images: int, args: argparse.Namespace) -> list[str]:
     patterns = []
     for i, kinds in enumerate(sources):
         folder = out / ("pairs" if i == 0 else f"pairs-{i}")
+        kinds = tuple(k.strip() for k in kinds.split(","))
+        size = 1 + len(kinds) if args.every_kind else 2  # samples per pair or group: shards hold whole ones
         info = write_synthetic_shards(
             folder,
-            images,
+            images - images % size,
             seed=0,
             start_index=i * SOURCE_INDEX_STRIDE,
-            max_samples_per_shard=demo.PER_SHARD,
-            counterfactual_pairs=tuple(k.strip() for k in kinds.split(",")),
+            max_samples_per_shard=demo.PER_SHARD - demo.PER_SHARD % size,
+            counterfactual_pairs=kinds,
+            every_kind=args.every_kind,
         )
-        scenes = images // 2 + sum(info["skipped"].values())
+        scenes = images // size + sum(info["skipped"].values())
         if scenes > SOURCE_INDEX_STRIDE:  # its scenes would overlap the next source's
-            raise SystemExit(f"source {i} ({kinds}) used {scenes} scene indices, more than {SOURCE_INDEX_STRIDE}")
+            raise SystemExit(f"source {i} ({','.join(kinds)}) used {scenes} scene indices, over {SOURCE_INDEX_STRIDE}")
         patterns.append(str(folder / info["shards"]))
     return [f"data.train_shards={patterns}", f"data.shuffle_buffer={args.shuffle_buffer}"]
 

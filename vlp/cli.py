@@ -80,6 +80,12 @@ def _add_shards(sub) -> None:
         "counterfactual (the same layout with one change), a minimal pair for loss.pair_weight",
     )
     g.add_argument(
+        "--every-kind",
+        action="store_true",
+        help="with --counterfactual-pairs: follow each scene by one counterfactual of every kind listed (a minimal "
+        "group) instead of one drawn kind; scenes where a kind does not apply are skipped",
+    )
+    g.add_argument(
         "--eval-layouts",
         action="store_true",
         help="instead of shards, write held-out benchmarks in every `vlp eval` layout (classification folder, "
@@ -270,6 +276,7 @@ def cmd_shards(args) -> int:
                 max_samples_per_shard=args.max_samples_per_shard,
                 prefix=args.prefix or "shapes",
                 counterfactual_pairs=tuple(k for k in args.counterfactual_pairs.split(",") if k),
+                every_kind=args.every_kind,
             )
         except ValueError as e:  # the arguments: the message names which and what is expected
             print(f"vlp shards: error: {e}", file=sys.stderr)

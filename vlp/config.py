@@ -222,10 +222,10 @@ class LossConfig:
     )
     pair_weight: float = _f(
         0.0,
-        "Minimal-pair loss (0 = off): two samples of a batch whose JSON has the same `pair` (vlp shards --synthetic "
-        "--counterfactual-pairs) are contrasted, each image against its caption and its partner's, each caption "
-        "against its image and its partner's. The sample shuffle buffer moves each pair (two adjacent samples with "
-        "the same id) as one unit, so partners stay side by side.",
+        "Minimal-pair loss (0 = off): two to four samples of a batch whose JSON has the same `pair` (vlp shards "
+        "--synthetic --counterfactual-pairs, --every-kind for groups) are contrasted, each image against its caption "
+        "and the other members', each caption against its image and the other members'. The sample shuffle buffer "
+        "moves each pair or group (adjacent samples with the same id) as one unit, so its members stay side by side.",
     )
     negatives: HardNegativesLossConfig = field(default_factory=HardNegativesLossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

@@ -13,8 +13,8 @@ Added to a batch (see :class:`vlp.data.stream.ShardStream`) when configured:
   others carry their own caption and ``has_cf`` False.
 - ``pair_id`` (B int64): the sample's minimal pair, the integer ``pair`` of its JSON (``vlp shards
   --synthetic --counterfactual-pairs``, 0 <= pair < 2**48) plus its source's index x 2**48, or -1.
-  Two samples of a batch with the same id are partners for ``loss.pair_weight``; samples of two
-  mixed sources never are, even when their JSON ids are equal.
+  Two to PAIR_GROUP_LIMIT samples of a batch with the same id are a minimal pair or group for
+  ``loss.pair_weight``; samples of two mixed sources never are, even when their JSON ids are equal.
 
 Every random choice is seeded from (seed, sample key, epoch): reproducible and exact on resume.
 """
@@ -116,6 +116,7 @@ def extra_caption_tensors(samples: list[dict], tokenizer, spec: ExtraCaptionSpec
 
 
 PAIR_ID_LIMIT = 2**48  # JSON pair ids below this; the source index fills the bits above (int64)
+PAIR_GROUP_LIMIT = 4  # most samples with one id that make a group: a scene and a counterfactual per kind
 
 
 def pair_id(sample: dict) -> int:

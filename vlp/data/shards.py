@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vlp.data import synthetic
+from vlp.data.extra_captions import PAIR_GROUP_LIMIT
 
 logger = logging.getLogger(__name__)
 
@@ -169,24 +170,37 @@ def _encode_scene(scene: synthetic.Scene, key: str) -> dict:
 
 
 def _pair_samples(
-    seed: int, start: int, count: int, image_size: int, kinds: tuple[str, ...], skipped: Counter, progress: bool
+    seed: int,
+    start: int,
+    count: int,
+    image_size: int,
+    kinds: tuple[str, ...],
+    every_kind: bool,
+    skipped: Counter,
+    progress: bool,
 ) -> Iterator[dict]:
-    """``count`` samples: scenes from index ``start`` on, each followed by its counterfactual (both
-    with ``"pair": index`` in their JSON); scenes without one are skipped and counted."""
-    from vlp.data.synthetic_counterfactual import counterfactual_scene
+    """``count`` samples: scenes from index ``start`` on, each followed by its counterfactual, or by
+    one of every kind with ``every_kind`` (all with ``"pair": index`` in their JSON); scenes without
+    them are skipped and counted."""
+    from vlp.data.synthetic_counterfactual import counterfactual_group, counterfactual_scene
 
     index, written = start, 0
     with tqdm(total=count, disable=None if progress else True, desc="shape pairs", unit="img") as bar:
         while written < count:
-            scene, cf = counterfactual_scene(seed, index, kinds, image_size=image_size)
-            if cf is None:
+            if every_kind:
+                scene, cfs = counterfactual_group(seed, index, kinds, image_size=image_size)
+                suffixes = [f"_cf{j}" for j in range(len(cfs))]
+            else:
+                scene, cf = counterfactual_scene(seed, index, kinds, image_size=image_size)
+                cfs, suffixes = ([] if cf is None else [cf]), ["_cf"]
+            if not cfs:
                 skipped["no_counterfactual"] += 1
             else:
-                scene.meta["pair"] = cf.meta["pair"] = index
-                yield _encode_scene(scene, f"{index:09d}")
-                yield _encode_scene(cf, f"{index:09d}_cf")
-                written += 2
-                bar.update(2)
+                for member, suffix in zip([scene, *cfs], ["", *suffixes]):
+                    member.meta["pair"] = index
+                    yield _encode_scene(member, f"{index:09d}{suffix}")
+                written += 1 + len(cfs)
+                bar.update(1 + len(cfs))
             index += 1
 
 
@@ -202,14 +216,18 @@ def write_synthetic_shards(
     prefix: str = "shapes",
     progress: bool = True,
     counterfactual_pairs: tuple[str, ...] = (),
+    every_kind: bool = False,
 ) -> dict:
     """Write ``num_samples`` synthetic shapes scenes (indices start_index..) as shards.
 
     With ``counterfactual_pairs`` (kinds of :data:`vlp.data.synthetic_counterfactual.CHANGE_TYPES`)
     every scene is followed by its counterfactual: ``num_samples / 2`` minimal pairs, each pair's
     JSON holding ``"pair": index``; scenes with no counterfactual of those kinds are skipped and
-    counted in ``skipped``. For ``loss.pair_weight``: the stream's shuffle buffer keeps each pair
-    together (:func:`vlp.data.stream.pair_units`), so partners share a batch.
+    counted in ``skipped``. With ``every_kind`` too, every scene is followed by one counterfactual
+    of each kind (a minimal group of ``1 + len(counterfactual_pairs)`` samples, keys ``<index>_cf<j>``);
+    scenes where a kind does not apply are skipped. For ``loss.pair_weight``: the stream's shuffle
+    buffer keeps each pair or group together (:func:`vlp.data.stream.pair_units`), so they share a
+    batch.
 
     Idempotent: when ``out_dir/_info.json`` records the same parameters and all its shards
     exist, nothing is written and the stored info is returned.
@@ -221,8 +239,10 @@ def write_synthetic_shards(
 
     Raises:
         ValueError: num_samples < 1, max_samples_per_shard < 1, or bad seed/index/size; with
-            counterfactual_pairs: an odd num_samples or max_samples_per_shard, unknown kinds, or
-            single_group (a one-group scene has nothing to swap and no pair partner to share).
+            counterfactual_pairs: num_samples or max_samples_per_shard not a multiple of the pair
+            or group size, unknown kinds, or single_group (a one-group scene has nothing to swap
+            and no pair partner to share); every_kind without counterfactual_pairs, or with more
+            kinds than a group may hold.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -230,11 +250,19 @@ def write_synthetic_shards(
         from vlp.data.synthetic_counterfactual import check_kinds
 
         check_kinds(counterfactual_pairs)
-        if num_samples % 2 or max_samples_per_shard % 2 or single_group:
+        size = 1 + len(counterfactual_pairs) if every_kind else 2
+        if every_kind and (size > PAIR_GROUP_LIMIT or len(set(counterfactual_pairs)) < len(counterfactual_pairs)):
             raise ValueError(
-                "counterfactual_pairs needs an even num_samples and max_samples_per_shard (pairs never straddle "
-                f"shards) and single_group off; got {num_samples}, {max_samples_per_shard}, {single_group}"
+                f"every_kind needs distinct kinds, at most {PAIR_GROUP_LIMIT - 1}; got {list(counterfactual_pairs)}"
             )
+        if num_samples % size or max_samples_per_shard % size or single_group:
+            raise ValueError(
+                f"counterfactual_pairs needs num_samples and max_samples_per_shard multiples of {size} (pairs and "
+                "groups never straddle shards) and single_group off; got "
+                f"{num_samples}, {max_samples_per_shard}, {single_group}"
+            )
+    elif every_kind:
+        raise ValueError("every_kind needs counterfactual_pairs: the kinds of each group's counterfactuals")
     out = Path(out_dir)
     params = {
         "source": "synthetic",
@@ -249,6 +277,8 @@ def write_synthetic_shards(
     }
     if counterfactual_pairs:  # only then, so that shards written before this option stay up to date
         params["counterfactual_pairs"] = list(counterfactual_pairs)
+    if every_kind:
+        params["every_kind"] = True
     if out.is_dir():
         existing = shards_up_to_date(out, params)
         if existing is not None:
@@ -260,7 +290,7 @@ def write_synthetic_shards(
     skipped: Counter = Counter()
     if counterfactual_pairs:
         kinds = tuple(counterfactual_pairs)
-        samples = _pair_samples(seed, start_index, num_samples, image_size, kinds, skipped, progress)
+        samples = _pair_samples(seed, start_index, num_samples, image_size, kinds, every_kind, skipped, progress)
     else:
         samples = _synthetic_samples(seed, start_index, num_samples, image_size, single_group, progress)
     sizes = write_samples(samples, out, prefix, max_samples_per_shard, FIXED_MTIME)

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from vlp.data.decode import DecodeOptions, SkipCounter, caption_variant, decode_sample
-from vlp.data.extra_captions import ExtraCaptionSpec, extra_caption_tensors, pair_id
+from vlp.data.extra_captions import PAIR_GROUP_LIMIT, ExtraCaptionSpec, extra_caption_tensors, pair_id
 from vlp.data.shardlists import reader_shards
 
 log = logging.getLogger(__name__)
@@ -99,11 +99,11 @@ def _shard_samples(url: str, skips: SkipCounter) -> Iterator[dict]:
 
 
 def pair_units(raw: Iterator[dict]) -> Iterator[list[dict]]:
-    """Raw samples as shuffle units: two consecutive samples with the same minimal-pair id (their
-    JSON's ``pair``, :func:`vlp.data.extra_captions.pair_id`) make one unit, so a shuffle buffer
-    moves a pair as a whole and the partners stay side by side; any other sample is a unit of its
-    own (a third sample with the same id too). Metadata that is not JSON gives no id here (decoding
-    counts it later)."""
+    """Raw samples as shuffle units: consecutive samples with the same minimal-pair id (their JSON's
+    ``pair``, :func:`vlp.data.extra_captions.pair_id`), at most PAIR_GROUP_LIMIT, make one unit, so
+    a shuffle buffer moves a pair or group as a whole and its members stay side by side; any other
+    sample is a unit of its own (one more with the same id starts a new unit). Metadata that is not
+    JSON gives no id here (decoding counts it later)."""
     unit, unit_id = [], -1
     for sample in raw:
         try:
@@ -111,7 +111,7 @@ def pair_units(raw: Iterator[dict]) -> Iterator[list[dict]]:
         except ValueError:
             meta = None
         sid = pair_id({"json": meta})
-        if unit and (sid < 0 or sid != unit_id or len(unit) == 2):
+        if unit and (sid < 0 or sid != unit_id or len(unit) == PAIR_GROUP_LIMIT):
             yield unit
             unit = []
         unit.append(sample)

@@ -6,7 +6,8 @@ types) and :func:`counterfactual_scene` draws the changed groups on the same lay
 so the image differs from the original only where an object changed. A scene and its counterfactual
 are a *minimal pair*: two true image-caption pairs one change apart (TripletCLIP's hard-negative
 images, without a text-to-image model). ``vlp shards --synthetic --counterfactual-pairs`` writes
-them side by side; ``loss.pair_weight`` contrasts each with its partner.
+them side by side; ``loss.pair_weight`` contrasts each with its partner. :func:`counterfactual_group`
+gives a scene one counterfactual of every kind at once (a minimal group, ``--every-kind``).
 
 This module needs only numpy and Pillow, like :mod:`vlp.data.synthetic`.
 """
@@ -102,6 +103,29 @@ def counterfactual_scene(
     order and size words. Its meta has ``groups`` and ``objects`` of the new scene, ``index``
     and ``seed`` of the original and ``counterfactual``: the kind.
     """
+    scene, flags, options, rng = _changes(seed, index, kinds, image_size)
+    if not options:
+        return scene, None
+    kind, new = options[int(rng.integers(len(options)))]
+    return scene, _draw_change(scene, flags, kind, new, image_size)
+
+
+def counterfactual_group(
+    seed: int, index: int, kinds: tuple[str, ...], *, image_size: int = 64
+) -> tuple[synthetic.Scene, list[synthetic.Scene]]:
+    """Scene ``index`` and one counterfactual of every kind in ``kinds``, in that order (a minimal
+    group: each member one change from the original), or an empty list unless every kind applies,
+    makes a caption false of the original and differs from the other members' captions. The
+    changes are the ones :func:`counterfactual_scene` draws from (the same random stream)."""
+    scene, flags, options, _ = _changes(seed, index, kinds, image_size)
+    if len(options) < len(kinds) or len({phrase(new, flags) for _, new in options}) < len(options):
+        return scene, []
+    return scene, [_draw_change(scene, flags, kind, new, image_size) for kind, new in options]
+
+
+def _changes(seed: int, index: int, kinds: tuple[str, ...], image_size: int):
+    """The scene, its size flags, the (kind, changed groups) of each kind that applies and makes
+    the caption false, and the random stream drawn from so far."""
     check_kinds(kinds)
     scene = synthetic.make_scene(seed, index, image_size=image_size)
     groups = scene.meta["groups"]
@@ -109,9 +133,12 @@ def counterfactual_scene(
     rng = np.random.default_rng([int(seed), int(index), 7])  # apart from make_scene's and the benchmark's
     options = [(kind, changed_groups(groups, kind, rng)) for kind in kinds]
     options = [(k, new) for k, new in options if new is not None and not describes(new, flags, groups)]
-    if not options:
-        return scene, None
-    kind, new = options[int(rng.integers(len(options)))]
+    return scene, flags, options, rng
+
+
+def _draw_change(scene: synthetic.Scene, flags, kind: str, new: list[dict], image_size: int) -> synthetic.Scene:
+    """The counterfactual scene: ``new`` groups drawn on ``scene``'s layout and background."""
+    groups, seed, index = scene.meta["groups"], scene.meta["seed"], scene.meta["index"]
     swap = {(g["shape"], g["color"]): (n["shape"], n["color"]) for g, n in zip(groups, new)}
     objects = []
     for obj in scene.meta["objects"]:
@@ -119,4 +146,4 @@ def counterfactual_scene(
         objects.append({**obj, "shape": shape, "color": color})
     image = synthetic.render_like(seed, index, objects, image_size)
     meta = {**copy.deepcopy(scene.meta), "groups": new, "objects": objects, "counterfactual": kind}
-    return scene, synthetic.Scene(image=image, caption=phrase(new, flags), meta=meta)
+    return synthetic.Scene(image=image, caption=phrase(new, flags), meta=meta)

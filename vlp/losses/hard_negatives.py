@@ -1,5 +1,5 @@
 """Losses on generated captions: DeGLA's image- and text-grounded contrasts, the counting loss, and
-the minimal-pair loss on counterfactual images.
+the minimal-pair (or group) loss on counterfactual images.
 
 Legend: B = this rank's batch, K = hard negatives per sample, D = feature dim, M = B * K.
 
@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from vlp.data.extra_captions import PAIR_GROUP_LIMIT
 from vlp.losses.distributed import group_rank_world, mean_over_ranks
 
 
@@ -84,34 +85,34 @@ def counting_loss(image_BD, text_BD, cf_text_BD, has_cf_B, logit_scale, group=No
     return _masked_global_mean(per_B, has_cf_B, group)
 
 
-def pair_partners(pair_id_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(partner index, has partner) per row: the one other row with the same non-negative id. A row
-    whose id is -1, or is shared by more or fewer than two rows, has no partner (index: itself)."""
-    b = pair_id_B.shape[0]
+def pair_groups(pair_id_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B x B same group, has a group) per row: rows with the same non-negative id make a minimal
+    pair or group when there are 2 to PAIR_GROUP_LIMIT of them (an id on more rows is a bad id:
+    none of them has a group). ``same`` is True on the diagonal of rows with a group."""
     same = (pair_id_B[:, None] == pair_id_B[None, :]) & (pair_id_B[:, None] >= 0)
-    same &= ~torch.eye(b, dtype=torch.bool, device=pair_id_B.device)
-    has = same.sum(1) == 1
-    index = torch.where(has, same.int().argmax(1), torch.arange(b, device=pair_id_B.device))
-    return index, has
+    size = same.sum(1)
+    has = (size >= 2) & (size <= PAIR_GROUP_LIMIT)
+    return same & has[:, None], has
 
 
 def pair_loss(image_BD, text_BD, pair_id_B, logit_scale, group=None) -> torch.Tensor:
-    """Minimal-pair loss, mean over the rows with a partner p (:func:`pair_partners`):
+    """Minimal-pair (or group) loss, mean over the rows with a group G(b) (:func:`pair_groups`):
 
-        softplus(s(I_b, T_p) - s(I_b, T_b)) + softplus(s(I_p, T_b) - s(I_b, T_b))
+        -log softmax_{c in G(b)} s(I_b, T_c) [b]  -  log softmax_{c in G(b)} s(I_c, T_b) [b]
 
-    the image against its caption and its partner's, and the caption against its image and its
-    partner's (two-way softmaxes), with s = logit scale x cosine. Partners are rows of this rank's
-    batch; the mean is over every rank's rows with one (0 when none has).
+    the image against its caption and the other members' captions, and the caption against its
+    image and the other members' images, with s = logit scale x cosine. For a pair {b, p} this is
+    softplus(s(I_b, T_p) - s(I_b, T_b)) + softplus(s(I_p, T_b) - s(I_b, T_b)). Groups are rows of this
+    rank's batch; the mean is over every rank's rows with one (0 when none has).
     """
     _check(image_BD, text_BD, text_BD.unsqueeze(1))
     if pair_id_B.shape != image_BD.shape[:1]:
         raise ValueError(f"pair_id has shape {tuple(pair_id_B.shape)}, expected ({image_BD.shape[0]},)")
-    partner, has = pair_partners(pair_id_B)
-    positive = (image_BD * text_BD).sum(-1)
-    wrong_text = (image_BD * text_BD[partner]).sum(-1)
-    wrong_image = (image_BD[partner] * text_BD).sum(-1)
-    per_B = F.softplus(logit_scale * (wrong_text - positive)) + F.softplus(logit_scale * (wrong_image - positive))
+    same, has = pair_groups(pair_id_B)
+    eye = torch.eye(len(same), dtype=torch.bool, device=same.device)
+    logits = (logit_scale * image_BD @ text_BD.t()).masked_fill(~(same | eye), float("-inf"))
+    positive = logits.diagonal()
+    per_B = (logits.logsumexp(1) - positive) + (logits.logsumexp(0) - positive)
     return _masked_global_mean(per_B, has, group)
 
 

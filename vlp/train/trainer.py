@@ -340,15 +340,15 @@ class Trainer:
         return {k: int(v) for k, v in zip(SKIP_KINDS, counts.tolist()) if v}
 
     def _count_pairs(self, micro_batches) -> None:
-        """Rows with a minimal-pair partner (loss.pair_weight), so a run whose shards have none says so."""
+        """Rows in a minimal pair or group (loss.pair_weight), so a run whose shards have none says so."""
         if not self.cfg.loss.pair_weight:
             return
-        from vlp.losses.hard_negatives import pair_partners
+        from vlp.losses.hard_negatives import pair_groups
 
         for b in micro_batches:
             ids = b.get("pair_id")
             if ids is not None:
-                self.paired[0] += int(pair_partners(ids)[1].sum())
+                self.paired[0] += int(pair_groups(ids)[1].sum())
                 self.paired[1] += len(ids)
 
     def _pair_metrics(self) -> dict:
