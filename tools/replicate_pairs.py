@@ -48,7 +48,7 @@ def pair_shards(out: Path, images: int, args: argparse.Namespace) -> list[str]:
     """Write (or reuse) ``images`` images of minimal pairs per source under ``out/pairs`` (the first)
     and ``out/pairs-<i>``; the overrides that train on them."""
     from vlp import demo
-    from vlp.data.shards import write_synthetic_shards
+    from vlp.data.shards import pair_group_size, write_synthetic_shards
 
     if args.shuffle_buffer < 0:
         raise SystemExit(f"--shuffle-buffer must be >= 0, got {args.shuffle_buffer}")
@@ -59,7 +59,7 @@ def pair_shards(out: Path, images: int, args: argparse.Namespace) -> list[str]:
     for i, kinds in enumerate(sources):
         folder = out / ("pairs" if i == 0 else f"pairs-{i}")
         kinds = tuple(k.strip() for k in kinds.split(","))
-        size = 1 + len(kinds) if args.every_kind else 2  # samples per pair or group: shards hold whole ones
+        size = pair_group_size(kinds, args.every_kind)  # shards hold whole pairs or groups
         info = write_synthetic_shards(
             folder,
             images - images % size,

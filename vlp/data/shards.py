@@ -169,6 +169,11 @@ def _encode_scene(scene: synthetic.Scene, key: str) -> dict:
     }
 
 
+def pair_group_size(kinds: tuple[str, ...], every_kind: bool) -> int:
+    """Samples per minimal pair (2) or, with ``every_kind``, per group (the scene and one per kind)."""
+    return 1 + len(kinds) if every_kind else 2
+
+
 def _pair_samples(
     seed: int,
     start: int,
@@ -250,7 +255,7 @@ def write_synthetic_shards(
         from vlp.data.synthetic_counterfactual import check_kinds
 
         check_kinds(counterfactual_pairs)
-        size = 1 + len(counterfactual_pairs) if every_kind else 2
+        size = pair_group_size(counterfactual_pairs, every_kind)
         if every_kind and (size > PAIR_GROUP_LIMIT or len(set(counterfactual_pairs)) < len(counterfactual_pairs)):
             raise ValueError(
                 f"every_kind needs distinct kinds, at most {PAIR_GROUP_LIMIT - 1}; got {list(counterfactual_pairs)}"
