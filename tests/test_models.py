@@ -100,3 +100,14 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated or not a torch checkpoint"):
         vlp.load_model(str(path), model_name="debug")
+
+
+def test_checksum_sidecar_or_text_file_is_named_for_what_it_is(tmp_path):
+    sidecar = tmp_path / "step_00000600.pt.sha256"
+    sidecar.write_text("0" * 64)
+    with pytest.raises(CheckpointError, match=r"not a torch checkpoint .*the checkpoint is .*step_00000600\.pt$"):
+        vlp.load_model(str(sidecar), model_name="debug")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="not a torch checkpoint \\(an empty file\\)"):
+        vlp.load_model(str(empty), model_name="debug")

@@ -31,6 +31,7 @@ def read_file(path: str | Path, map_location="cpu") -> dict:
             return load_file(str(path), device=str(map_location))
         except Exception as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    _check_container(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -43,6 +44,21 @@ def read_file(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return obj
+
+
+def _check_container(path: Path) -> None:
+    """Raise CheckpointError when ``path`` is neither a torch zip file nor a pickle.
+
+    torch.load would report such a file (the ``.sha256`` beside a checkpoint, a text file) as an
+    unsafe pickle, which misleads; this says what the file is instead.
+    """
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # zip archive (torch.save) or pickle protocol >= 2
+        return
+    hint = f"; the checkpoint is {path.with_suffix('')}" if path.suffix == ".sha256" else ""
+    what = "an empty file" if not head else f"starts with {head!r}, neither a zip archive nor a pickle"
+    raise CheckpointError(f"{path}: not a torch checkpoint ({what}){hint}")
 
 
 def is_vlp_checkpoint(obj: dict) -> bool:
