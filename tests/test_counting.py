@@ -191,6 +191,19 @@ def test_counterfactual_reproducible():
     assert len(draws) > 1
 
 
+def test_counterfactual_takes_a_numpy_generator_or_an_int_seed():
+    import numpy as np
+
+    caption = "five horses in a field"
+    assert counterfactual(caption, 7) == counterfactual(caption, random.Random(7))
+    a, b = (counterfactual(caption, np.random.default_rng(3)) for _ in range(2))
+    assert a == b and a != caption and a.endswith(" horses in a field")
+    everything = counterfactuals(caption, np.random.default_rng(0), 100)
+    assert len(everything) == len(set(everything)) == 8
+    with pytest.raises(TypeError, match="random.Random, a numpy.random.Generator or an int seed"):
+        counterfactual(caption, None)
+
+
 def test_counterfactuals_distinct():
     out = counterfactuals("two dogs", random.Random(0), 5)
     assert len(out) == len(set(out)) == 5 and "two dogs" not in out

@@ -54,6 +54,8 @@ import random
 import re
 from collections.abc import Iterable
 
+import numpy as np
+
 NUMBER_WORDS = {
     "one": 1,
     "two": 2,
@@ -238,21 +240,34 @@ def _replace(caption: str, span: tuple[int, int, int], value: int) -> str:
     return caption[:start] + _styled(value, caption[start:end]) + caption[end:]
 
 
-def counterfactuals(caption: str, rng: random.Random, k: int) -> list[str]:
+def _sample(rng, choices: list[int], n: int) -> list[int]:
+    """``n`` distinct items of ``choices`` drawn with ``rng``: a random.Random, a numpy Generator or
+    an int seed."""
+    if isinstance(rng, int) and not isinstance(rng, bool):
+        rng = random.Random(rng)
+    if isinstance(rng, random.Random):
+        return rng.sample(choices, n)
+    if isinstance(rng, np.random.Generator):
+        return [choices[int(i)] for i in rng.choice(len(choices), size=n, replace=False)]
+    raise TypeError(f"rng must be a random.Random, a numpy.random.Generator or an int seed, got {type(rng).__name__}")
+
+
+def counterfactuals(caption: str, rng, k: int) -> list[str]:
     """Up to ``k`` distinct counterfactual captions, in random order ([] if not a counting sample).
 
     Each replaces the caption's single count by a different value in 2..10, drawn without
-    replacement. Counted nouns after 2..10 are plural, so agreement holds; "a pair of shoes"
-    becomes e.g. "three shoes" (the noun after "a pair of" is plural already).
+    replacement with ``rng`` (a random.Random, a numpy Generator or an int seed). Counted nouns
+    after 2..10 are plural, so agreement holds; "a pair of shoes" becomes e.g. "three shoes" (the
+    noun after "a pair of" is plural already).
     """
     counts = find_counts(caption)
     if len(counts) != 1 or counts[0][2] not in COUNTERFACTUAL_RANGE:
         return []
     choices = [v for v in COUNTERFACTUAL_RANGE if v != counts[0][2]]
-    return [_replace(caption, counts[0], v) for v in rng.sample(choices, min(k, len(choices)))]
+    return [_replace(caption, counts[0], v) for v in _sample(rng, choices, min(k, len(choices)))]
 
 
-def counterfactual(caption: str, rng: random.Random) -> str | None:
+def counterfactual(caption: str, rng) -> str | None:
     """One counterfactual caption (value uniform over 2..10 minus the original), or None."""
     found = counterfactuals(caption, rng, 1)
     return found[0] if found else None
