@@ -53,13 +53,13 @@ def rephrase(scene: synthetic.Scene) -> str:
     return phrase(groups[::-1], tuple(not f for f in flags[::-1]))
 
 
-def negatives(scene: synthetic.Scene, seed: int) -> dict[str, str] | None:
-    """``{type: caption}`` for NEGATIVE_TYPES of a 2-group scene, or None if the scene has no
-    valid set (not 2 groups, or swapping the colours gives a caption still true of the image).
+def negative_groups(scene: synthetic.Scene, seed: int) -> dict[str, list[dict]] | None:
+    """``{type: the scene's groups as that negative caption describes them}`` for NEGATIVE_TYPES of
+    a 2-group scene, or None if the scene has no valid set (not 2 groups, or a changed caption
+    still true of the image).
 
     swap_attribute swaps the groups' colours; replace_attribute gives one group a colour absent
-    from the scene; replace_object gives one group a shape absent from the scene. Phrasing (order,
-    size words) is the positive caption's, so only the changed attribute differs.
+    from the scene; replace_object gives one group a shape absent from the scene.
     """
     groups = scene.meta["groups"]
     if len(groups) != 2:
@@ -69,10 +69,25 @@ def negatives(scene: synthetic.Scene, seed: int) -> dict[str, str] | None:
     changed = {kind: changed_groups(groups, kind, rng) for kind in NEGATIVE_TYPES}
     if any(describes(new, flags, groups) for new in changed.values()):
         return None
+    return changed
+
+
+def negatives(scene: synthetic.Scene, seed: int) -> dict[str, str] | None:
+    """``{type: caption}`` of :func:`negative_groups`, or None. Phrasing (order, size words) is the
+    positive caption's, so only the changed attribute differs."""
+    changed = negative_groups(scene, seed)
+    if changed is None:
+        return None
+    flags = size_flags(scene.meta["groups"], scene.caption)
     return {kind: phrase(new, flags) for kind, new in changed.items()}
 
 
-def _accepted(seed: int, start: int, num: int, build: Callable, desc: str, progress: bool, **kwargs) -> Iterator:
+def layout_start(layout: str, start_index: int) -> int:
+    """First scene index of ``layout``'s block when export_eval_layouts is given ``start_index``."""
+    return start_index + list(LAYOUT_DIRS).index(layout) * INDEX_BLOCK
+
+
+def accepted_scenes(seed: int, start: int, num: int, build: Callable, desc: str, progress: bool, **kwargs) -> Iterator:
     """``(scene, build(scene))`` for the first ``num`` scenes from ``start`` on where build is not None.
 
     Raises:
@@ -226,10 +241,10 @@ def export_eval_layouts(
         ("compositional", lambda scene: negatives(scene, seed), False, _compositional_rows),
         ("counting", _count_in_range, True, _counting_rows),
     )
-    for k, (layout, build, single_group, make_rows) in enumerate(plan):
-        start, desc = start_index + k * INDEX_BLOCK, LAYOUT_DIRS[layout]
+    for layout, build, single_group, make_rows in plan:
+        start, desc = layout_start(layout, start_index), LAYOUT_DIRS[layout]
         kwargs = {"image_size": image_size, "single_group": single_group}
-        scenes = _accepted(seed, start, num_images, build, desc, progress, **kwargs)
+        scenes = accepted_scenes(seed, start, num_images, build, desc, progress, **kwargs)
         if make_rows is None:
             _classification(out, scenes)
         else:
