@@ -218,16 +218,12 @@ def test_coca_is_refused_for_hf_and_exported_for_open_clip_without_its_itm_head(
 
 
 def test_resnet_and_pretrained_towers_are_refused_for_hf_but_not_for_open_clip(tmp_path, tiny_hf_text):
-    arch = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    (tmp_path / "export-test-rn.json").write_text(json.dumps(arch))
-    open_clip.add_model_config(tmp_path / "export-test-rn.json")
-    ckpt = _vlp_checkpoint(tmp_path / "rn.pt", "model.name=export-test-rn")
+    # vlp's own debug-resnet (a tiny ModifiedResNet image tower): open_clip reloads it with the same features
+    ckpt = _vlp_checkpoint(tmp_path / "rn.pt", "model.name=debug-resnet")
     with pytest.raises(ExportError, match="ResNet image tower"):
         export_checkpoint(ckpt, "hf", tmp_path / "out")
+    info = export_checkpoint(ckpt, "open_clip", tmp_path / "oc-rn", check=True)
+    assert info["parity"]["ok"], info
     ckpt = _vlp_checkpoint(tmp_path / "towers.pt", *tiny_tower_sets(tiny_hf_text))
     with pytest.raises(ExportError, match="timm image tower.*HFTextEncoder text tower"):
         export_checkpoint(ckpt, "hf", tmp_path / "out")
