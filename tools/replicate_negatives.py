@@ -5,6 +5,9 @@ compositional accuracy +10 points.
 
     python tools/replicate_negatives.py --seeds 0 1         # about 25 minutes on 2 quiet CPU cores
     python tools/replicate_negatives.py --quick --json      # a smoke run, one JSON object
+
+With ``--set model.name=debug-resnet`` both arms use an image tower that learns the shapes' forms,
+which leaves swap attribute as the baseline's one unsolved type (docs/results.md).
 """
 
 from replicate_common import replicate
