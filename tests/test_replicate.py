@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import runpy
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -34,6 +35,8 @@ def test_quick_replication_prints_one_json_object(demo_data, tmp_path, monkeypat
     pairs_args = ["--kinds", "swap_attribute,replace_object", "--kinds", "replace_object", "--every-kind"]
     pairs_args += ["--shuffle-buffer", "64"]
     argv += pairs_args if name == "pairs" else []
+    # a variant-only override comes after the script's own variant settings, so it wins (negatives sets w = 6)
+    argv += ["--variant-set", "loss.negatives.image_grounded_weight=2.5"] if name == "negatives" else []
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.syspath_prepend(str(script.parent))
     monkeypatch.chdir(REPO)
@@ -61,6 +64,15 @@ def test_quick_replication_prints_one_json_object(demo_data, tmp_path, monkeypat
     kinds = ("swap_attribute", "replace_attribute", "replace_object")
     by_type = [result["baseline"][f"compositional_{t}"] for t in kinds]
     assert result["baseline"]["compositional_acc"] == pytest.approx(sum(by_type) / 3)
+    for arm in ("baseline", "variant"):  # the "swap/replace attribute": the mean of those two types
+        attribute = [result[arm][f"compositional_{t}"] for t in kinds[:2]]
+        assert result[arm]["compositional_attribute_acc"] == pytest.approx(sum(attribute) / 2)
+    if name == "negatives":
+        assert result["variant_overrides"][-1] == "loss.negatives.image_grounded_weight=2.5"
+        assert "loss.negatives.image_grounded_weight=6.0" in result["variant_overrides"]
+        configs = {arm: (Path(result["runs"][arm][0]["run"]) / "config.yaml").read_text() for arm in result["runs"]}
+        assert "image_grounded_weight: 2.5" in configs["variant"]
+        assert "image_grounded_weight: 2.5" not in configs["baseline"]
     if not every:
         assert result["curve"] is None
         return
