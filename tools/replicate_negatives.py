@@ -1,8 +1,8 @@
 """Hard negatives (NegCLIP columns + DeGLA's image-grounded contrast), replicated small: the `debug`
 CLIP on the shapes data, with and without K rule-based hard negatives per caption generated on the
 fly (replace/swap attribute, replace object), same steps and seed. Target (issue #7): held-out
-compositional accuracy +10 points, checked
-on the mean of all three types and on that of the two attribute types (swap/replace attribute).
+compositional accuracy +10 points, checked on the mean of all three types and on that of the two
+attribute types (swap/replace attribute).
 
     python tools/replicate_negatives.py --seeds 0 1         # about 25 minutes on 2 quiet CPU cores
     python tools/replicate_negatives.py --quick --json      # a smoke run, one JSON object

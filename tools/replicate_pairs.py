@@ -2,8 +2,9 @@
 shapes data, the baseline on the ordinary shards, the variant on as many images made of minimal pairs
 (each scene followed by the same layout with the colours of its two groups swapped, or one shape
 replaced; `vlp shards --synthetic --counterfactual-pairs`) read in order, with the minimal-pair loss
-(loss.pair_weight 6). Same steps and seed. Target (issue #7): held-out compositional accuracy +10 points, checked
-on the mean of all three types and on that of the two attribute types (swap/replace attribute).
+(loss.pair_weight 6). Same steps and seed. Target (issue #7): held-out compositional accuracy +10
+points, checked on the mean of all three types and on that of the two attribute types (swap/replace
+attribute).
 
     python tools/replicate_pairs.py --seeds 0 1 2    # about 15 minutes on 2 quiet CPU cores
     python tools/replicate_pairs.py --quick --json   # a smoke run, one JSON object
