@@ -12,7 +12,7 @@ from conftest import REPO
 
 from tests.test_stream import _loader, _take
 from vlp.data import synthetic
-from vlp.data.extra_captions import ExtraCaptionSpec
+from vlp.data.extra_captions import EPOCH_WRAP, PAIR_ID_LIMIT, ExtraCaptionSpec
 from vlp.data.shards import write_synthetic_shards
 from vlp.data.synthetic_counterfactual import (
     CHANGE_TYPES,
@@ -110,7 +110,7 @@ def test_pair_units_group_adjacent_samples_with_one_id():
 
 
 def test_pair_ids_of_mixed_sources_never_collide(tmp_path):
-    from vlp.data.extra_captions import PAIR_ID_LIMIT, pair_id
+    from vlp.data.extra_captions import pair_id
 
     assert pair_id({"json": {"pair": PAIR_ID_LIMIT - 1}}) == PAIR_ID_LIMIT - 1
     assert pair_id({"json": {"pair": PAIR_ID_LIMIT}}) == pair_id({"json": {"pair": True}}) == -1
@@ -123,14 +123,34 @@ def test_pair_ids_of_mixed_sources_never_collide(tmp_path):
         patterns.append(str(tmp_path / kind / info["shards"]))
     batch = next(iter(_loader(patterns, batch_size=32, shuffle_buffer=0, extras=ExtraCaptionSpec(pairs=True))))
     ids = batch["pair_id"]
-    source, own = ids // PAIR_ID_LIMIT, ids % PAIR_ID_LIMIT
+    source = ids // (EPOCH_WRAP * PAIR_ID_LIMIT)
     assert set(source.tolist()) == {0, 1} and (ids >= 0).all()
-    assert set(own[source == 0].tolist()) & set(own[source == 1].tolist())  # the JSON ids collide ...
-    for b, json_ in enumerate(batch["json"]):
-        assert own[b] == json_["pair"]
-    paired = pair_groups(ids)[1]
-    # ... yet each row's partner is its own source's: only a pair cut by the end of the batch has none
-    assert paired.sum() >= len(ids) - 2
+    json_ids = [m["pair"] for m in batch["json"]]
+    assert {p for p, s in zip(json_ids, source) if s == 0} & {p for p, s in zip(json_ids, source) if s}
+    # the JSON ids collide, yet each row's partner is its own source's: only a pair cut by the end of
+    # the batch has none
+    assert max(ids.tolist().count(p) for p in ids.tolist()) == 2
+    assert pair_groups(ids)[1].sum() >= len(ids) - 2
+
+
+def test_pair_ids_repeated_in_other_shards_of_one_source_never_join(tmp_path):
+    # two sets whose JSON ids and keys are the same scene indices, read as one source
+    for name, seed in (("a", 3), ("b", 4)):
+        info = write_synthetic_shards(
+            tmp_path / name, 16, seed=seed, max_samples_per_shard=8, counterfactual_pairs=("swap_attribute",),
+            progress=False,
+        )  # fmt: skip
+    pattern = str(tmp_path / "{a,b}" / info["shards"])
+    for buffer in (0, 16):
+        kw = dict(batch_size=32, shuffle_buffer=buffer, seed=1, extras=ExtraCaptionSpec(pairs=True))
+        batch = next(iter(_loader(pattern, **kw)))
+        json_ids = [m["pair"] for m in batch["json"]]
+        assert max(json_ids.count(p) for p in json_ids) == 4  # each JSON id twice per set ...
+        ids = batch["pair_id"].tolist()
+        assert sorted(ids.count(p) for p in set(ids)) == [2] * 16  # ... but each batch id on its pair only
+        assert pair_groups(batch["pair_id"])[1].all()
+        for i in range(0, 32, 2):  # the pairs stay side by side, each scene with its own counterfactual
+            assert ids[i] == ids[i + 1] and batch["image"][i].ne(batch["image"][i + 1]).any()
 
 
 def test_the_shuffle_buffer_moves_pairs_whole_and_resumes_exactly(tmp_path):

@@ -11,10 +11,12 @@ Added to a batch (see :class:`vlp.data.stream.ShardStream`) when configured:
 - ``text_cf`` (B x L) and ``has_cf`` (B bool): the counting counterfactual
   (:func:`vlp.data.counting.counterfactual`) of every caption with exactly one count in 2..10;
   others carry their own caption and ``has_cf`` False.
-- ``pair_id`` (B int64): the sample's minimal pair, the integer ``pair`` of its JSON (``vlp shards
-  --synthetic --counterfactual-pairs``, 0 <= pair < 2**48) plus its source's index x 2**48, or -1.
+- ``pair_id`` (B int64): the sample's minimal pair or group, or -1. In the data, a pair or group is
+  a run of consecutive samples whose JSON holds the same integer ``pair`` (``vlp shards --synthetic
+  --counterfactual-pairs``, 0 <= pair < 2**40); the batch's id names the run (:func:`source_pair_id`).
   Two to PAIR_GROUP_LIMIT samples of a batch with the same id are a minimal pair or group for
-  ``loss.pair_weight``; samples of two mixed sources never are, even when their JSON ids are equal.
+  ``loss.pair_weight``; samples of two runs never are, even when their JSON ids are equal (another
+  shard, another source).
 
 Every random choice is seeded from (seed, sample key, epoch): reproducible and exact on resume.
 """
@@ -115,7 +117,8 @@ def extra_caption_tensors(samples: list[dict], tokenizer, spec: ExtraCaptionSpec
     return out
 
 
-PAIR_ID_LIMIT = 2**48  # JSON pair ids below this; the source index fills the bits above (int64)
+PAIR_ID_LIMIT = 2**40  # JSON pair ids and unit serials below this; epoch and source fill the bits above
+EPOCH_WRAP = 2**8  # epochs in an id, modulo this (a batch spans two epochs at most)
 PAIR_GROUP_LIMIT = 4  # most samples with one id that make a group: a scene and a counterfactual per kind
 
 
@@ -129,8 +132,16 @@ def pair_id(sample: dict) -> int:
 
 
 def source_pair_id(sample: dict) -> int:
-    """:func:`pair_id` made unique across mixed sources: source index x PAIR_ID_LIMIT + id (the source
-    is the first item of the stream's ``_origin``; 0 without one), or -1."""
-    value = pair_id(sample)
-    source = sample.get("_origin", (0,))[0]
-    return -1 if value < 0 else source * PAIR_ID_LIMIT + value
+    """The id of the sample's minimal pair or group within a batch, or -1 for none.
+
+    A stream sample carries ``_unit`` (:func:`vlp.data.stream.pair_units`: the serial of its run of
+    consecutive samples with one JSON id in its source's epoch stream, -1 for none) and ``_origin``
+    (source, epoch, position): the id is unique per (source, epoch, unit), so a JSON id used again
+    elsewhere in the data, or by another source, never joins unrelated samples. A sample without
+    ``_unit`` uses its JSON id (:func:`pair_id`) as the unit."""
+    unit = sample.get("_unit")
+    unit = pair_id(sample) if unit is None else unit
+    if unit < 0:
+        return -1
+    source, epoch = sample.get("_origin", (0, 0))[:2]
+    return ((source * EPOCH_WRAP + epoch % EPOCH_WRAP) * PAIR_ID_LIMIT) + unit % PAIR_ID_LIMIT

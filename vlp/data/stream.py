@@ -103,8 +103,19 @@ def pair_units(raw: Iterator[dict]) -> Iterator[list[dict]]:
     ``pair``, :func:`vlp.data.extra_captions.pair_id`), at most PAIR_GROUP_LIMIT, make one unit, so
     a shuffle buffer moves a pair or group as a whole and its members stay side by side; any other
     sample is a unit of its own (one more with the same id starts a new unit). Metadata that is not
-    JSON gives no id here (decoding counts it later)."""
-    unit, unit_id = [], -1
+    JSON gives no id here (decoding counts it later).
+
+    Each sample gets ``_unit``: the serial of its unit in this stream (0, 1, ...), or -1 for a sample
+    with no id. The batch's ``pair_id`` is made from it (:func:`vlp.data.extra_captions.source_pair_id`),
+    so a JSON id used again elsewhere in the data (numbering restarted in every shard) never joins
+    unrelated samples."""
+    unit, unit_id, serial = [], -1, 0
+
+    def stamped(unit: list[dict], unit_id: int) -> list[dict]:
+        for s in unit:
+            s["_unit"] = serial if unit_id >= 0 else -1
+        return unit
+
     for sample in raw:
         try:
             meta = json.loads(sample["json"]) if "json" in sample else None
@@ -112,12 +123,12 @@ def pair_units(raw: Iterator[dict]) -> Iterator[list[dict]]:
             meta = None
         sid = pair_id({"json": meta})
         if unit and (sid < 0 or sid != unit_id or len(unit) == PAIR_GROUP_LIMIT):
-            yield unit
-            unit = []
+            yield stamped(unit, unit_id)
+            unit, serial = [], serial + 1
         unit.append(sample)
         unit_id = sid
     if unit:
-        yield unit
+        yield stamped(unit, unit_id)
 
 
 class _SourceReader:
@@ -139,14 +150,12 @@ class _SourceReader:
             shuffle=spec.infinite,
         )
         raw = (s for url in shards for s in _shard_samples(url, self.skips))
-        if spec.shuffle_buffer <= 1 or not spec.infinite:
-            return raw
-        from webdataset.filters import _shuffle
+        units = pair_units(raw) if spec.extras.pairs else ([s] for s in raw)
+        if spec.shuffle_buffer > 1 and spec.infinite:
+            from webdataset.filters import _shuffle
 
-        rng = random.Random(f"samples/{spec.seed}/{self.reader}/{epoch}")
-        if not spec.extras.pairs:
-            return _shuffle(raw, bufsize=spec.shuffle_buffer, initial=spec.shuffle_buffer, rng=rng)
-        units = _shuffle(pair_units(raw), bufsize=spec.shuffle_buffer, initial=spec.shuffle_buffer, rng=rng)
+            rng = random.Random(f"samples/{spec.seed}/{self.reader}/{epoch}")
+            units = _shuffle(units, bufsize=spec.shuffle_buffer, initial=spec.shuffle_buffer, rng=rng)
         return (sample for unit in units for sample in unit)
 
     def __iter__(self):
@@ -323,6 +332,8 @@ class ShardStream(IterableDataset):
         if sample is None:
             return None
         sample["_epoch"], sample["_origin"] = origin[1], tuple(origin)
+        if "_unit" in raw:
+            sample["_unit"] = raw["_unit"]
         own = sample["_own"] = sample["text"]
         if self.spec.caption_variants_key:
             key, seed = sample["__key__"], self.spec.seed
