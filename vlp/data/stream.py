@@ -111,7 +111,7 @@ def pair_units(raw: Iterator[dict]) -> Iterator[list[dict]]:
     unrelated samples."""
     unit, unit_id, serial = [], -1, 0
 
-    def stamped(unit: list[dict], unit_id: int) -> list[dict]:
+    def stamped(unit: list[dict], unit_id: int, serial: int) -> list[dict]:
         for s in unit:
             s["_unit"] = serial if unit_id >= 0 else -1
         return unit
@@ -123,12 +123,12 @@ def pair_units(raw: Iterator[dict]) -> Iterator[list[dict]]:
             meta = None
         sid = pair_id({"json": meta})
         if unit and (sid < 0 or sid != unit_id or len(unit) == PAIR_GROUP_LIMIT):
-            yield stamped(unit, unit_id)
+            yield stamped(unit, unit_id, serial)
             unit, serial = [], serial + 1
         unit.append(sample)
         unit_id = sid
     if unit:
-        yield stamped(unit, unit_id)
+        yield stamped(unit, unit_id, serial)
 
 
 class _SourceReader:
@@ -150,13 +150,14 @@ class _SourceReader:
             shuffle=spec.infinite,
         )
         raw = (s for url in shards for s in _shard_samples(url, self.skips))
-        units = pair_units(raw) if spec.extras.pairs else ([s] for s in raw)
+        # pairs: units of a pair or group, stamped even when not shuffled; otherwise plain samples
+        items = pair_units(raw) if spec.extras.pairs else raw
         if spec.shuffle_buffer > 1 and spec.infinite:
             from webdataset.filters import _shuffle
 
             rng = random.Random(f"samples/{spec.seed}/{self.reader}/{epoch}")
-            units = _shuffle(units, bufsize=spec.shuffle_buffer, initial=spec.shuffle_buffer, rng=rng)
-        return (sample for unit in units for sample in unit)
+            items = _shuffle(items, bufsize=spec.shuffle_buffer, initial=spec.shuffle_buffer, rng=rng)
+        return (sample for unit in items for sample in unit) if spec.extras.pairs else items
 
     def __iter__(self):
         epoch, skip = self.epoch, self.consumed
