@@ -43,9 +43,11 @@ def test_per_type_accuracy_equals_vlp_eval_and_splits_add_up(tool, tmp_path):
         sizes = {k: s for k, s in got["by_size"].items() if k.startswith(f"{kind}/")}
         assert sum(s["items"] for s in sizes.values()) == NUM
         assert sum(s["acc"] * s["items"] for s in sizes.values()) == pytest.approx(v["acc"] * NUM)
-    # one group changes in a replacement, both in a swap
-    assert all("+" not in k for k in got["by_size"] if not k.startswith("swap_attribute/"))
-    assert all("+" in k for k in got["by_size"] if k.startswith("swap_attribute/"))
+    assert set(got["by_type"]) == {"swap_attribute", "replace_attribute", "replace_object", "swap_size"}
+    # one group changes in a replacement, both in a swap; a size swap is between a small and a large group
+    assert all("+" not in k for k in got["by_size"] if not k.startswith("swap_"))
+    assert all("+" in k for k in got["by_size"] if k.startswith("swap_"))
+    assert [k for k in got["by_size"] if k.startswith("swap_size/")] == ["swap_size/large+small"]
     assert sum(s["items"] for s in got["by_shape_replaced"].values()) == NUM
 
 

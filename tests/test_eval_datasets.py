@@ -24,7 +24,7 @@ from vlp.eval.datasets import (
     load_retrieval,
     load_templates,
 )
-from vlp.eval.synthetic_layouts import describes, export_eval_layouts, negatives, size_flags
+from vlp.eval.synthetic_layouts import describes, export_eval_layouts, negatives, size_flags, size_swap
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -252,7 +252,8 @@ def test_export_eval_layouts_loads_and_is_idempotent(tmp_path):
     assert len(ret.images) == 60 and ret.text_to_image == [i // 2 for i in range(120)]
     assert all(ret.captions[2 * i] != ret.captions[2 * i + 1] for i in range(60))
     comp = load_eval_data("compositional", paths["compositional"])
-    assert len(comp.images) == 180 and comp.types[:3] == ["swap_attribute", "replace_attribute", "replace_object"]
+    assert len(comp.images) == 240 and comp.types[:3] == ["swap_attribute", "replace_attribute", "replace_object"]
+    assert comp.types[180:] == ["swap_size"] * 60 and len(set(comp.images[180:]) & set(comp.images[:180])) == 0
     assert all(neg[0] != pos for neg, pos in zip(comp.negatives, comp.positives))
     count = load_eval_data("counting", paths["counting"])
     assert len(count.images) == 60 and set(count.counts) <= set(range(2, 7)) and count.skipped == {}
@@ -264,6 +265,31 @@ def test_export_eval_layouts_loads_and_is_idempotent(tmp_path):
     assert (tmp_path / "eval" / "counting.jsonl").stat().st_mtime_ns == mtime
     export_eval_layouts(tmp_path / "eval", num_images=20, progress=False)  # smaller: no stale images
     assert len(load_eval_data("zeroshot_classification", paths["zeroshot_classification"]).images) == 20
+
+
+def test_size_swap_swaps_only_the_size_words_and_is_false_of_the_image():
+    made = 0
+    for index in range(400):
+        scene = synthetic.make_scene(3, index)
+        groups, negative = scene.meta["groups"], size_swap(scene)
+        if negative is None:  # not two groups, one size, or a size word left out
+            assert (
+                len(groups) != 2 or groups[0]["size"] == groups[1]["size"] or not all(size_flags(groups, scene.caption))
+            )
+            continue
+        made += 1
+        a, b = groups
+        exchanged = [{"small": "large", "large": "small"}.get(w, w) for w in scene.caption.split()]
+        assert negative.split() == exchanged  # the positive's words, with its two size words exchanged
+        swapped = [{**a, "size": b["size"]}, {**b, "size": a["size"]}]
+        assert not describes(swapped, (True, True), groups) and describes(groups, (True, True), groups)
+    assert made >= 10
+    a = {"shape": "circle", "color": "red", "size": "small", "count": 2}
+    b = {"shape": "star", "color": "blue", "size": "large", "count": 1}
+    scene = synthetic.Scene(None, "two small red circles and a large blue star", {"groups": [a, b], "index": 0})
+    assert size_swap(scene) == "two large red circles and a small blue star"
+    scene = synthetic.Scene(None, "two small red circles and a blue star", {"groups": [a, b], "index": 0})
+    assert size_swap(scene) is None
 
 
 def test_compositional_negatives_are_false_of_the_image():

@@ -67,6 +67,8 @@ def test_quick_replication_prints_one_json_object(demo_data, tmp_path, monkeypat
     for arm in ("baseline", "variant"):  # the "swap/replace attribute": the mean of those two types
         attribute = [result[arm][f"compositional_{t}"] for t in kinds[:2]]
         assert result[arm]["compositional_attribute_acc"] == pytest.approx(sum(attribute) / 2)
+        color_size = attribute + [result[arm]["compositional_swap_size"]]  # and with the held-out size swap
+        assert result[arm]["compositional_color_size_acc"] == pytest.approx(sum(color_size) / 3)
     if name == "negatives":
         assert result["variant_overrides"][-1] == "loss.negatives.image_grounded_weight=2.5"
         assert "loss.negatives.image_grounded_weight=6.0" in result["variant_overrides"]

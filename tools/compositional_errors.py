@@ -1,10 +1,10 @@
 """Where a CLIP's compositional errors on the shapes data lie (issue #7, docs/results.md).
 
 The held-out compositional test of `vlp demo` asks, per image, whether the positive caption scores
-above one negative: a colour swap between the two groups, a colour replaced, or a shape replaced.
-This script rebuilds those scenes from (seed, index), so it knows which group each negative
-changes, and splits the accuracy of each type by the size of the changed group(s), and that of
-replace-object by the shape replaced:
+above one negative: a colour swap between the two groups, a colour replaced, a shape replaced, or
+(on scenes of its own) the two groups' sizes swapped. This script rebuilds those scenes from (seed,
+index), so it knows which group each negative changes, and splits the accuracy of each type by the
+size of the changed group(s), and that of replace-object by the shape replaced:
 
     python tools/compositional_errors.py --checkpoint runs/demo/run/checkpoints/step_00000600.pt
     python tools/compositional_errors.py --checkpoint CK --training-scenes   # the same test on training scenes
@@ -25,7 +25,15 @@ from tqdm import tqdm
 
 import vlp
 from vlp.demo import VAL_START
-from vlp.eval.synthetic_layouts import NEGATIVE_TYPES, accepted_scenes, layout_start, negative_groups, negatives
+from vlp.eval.synthetic_layouts import (
+    NEGATIVE_TYPES,
+    SIZE_SWAP,
+    accepted_scenes,
+    layout_start,
+    negative_groups,
+    negatives,
+    size_swap,
+)
 
 BATCH = 100
 
@@ -38,15 +46,18 @@ def changed_key(kind: str, groups: list[dict], new: list[dict]) -> tuple[str, st
     return "+".join(sorted(g["size"] for g in changed)), shape
 
 
-def items(seed: int, first_index: int, num: int) -> list[dict]:
-    """One item per (scene, negative type), for the first ``num`` scenes from ``first_index`` on
-    that the compositional layout accepts."""
+def items(seed: int, first_index: int, num: int, size_first_index: int) -> list[dict]:
+    """One item per (scene, negative type) for the first ``num`` scenes from ``first_index`` on that
+    the compositional layout accepts, then one swap_size item per scene for the first ``num`` from
+    ``size_first_index`` on that have a size swap (the layout's rows, in its order)."""
     out = []
     for scene, captions in accepted_scenes(seed, first_index, num, lambda s: negatives(s, seed), "scenes", True):
         changed = negative_groups(scene, seed)
         for kind in NEGATIVE_TYPES:
             size, shape = changed_key(kind, scene.meta["groups"], changed[kind])
             out.append({"scene": scene, "kind": kind, "negative": captions[kind], "size": size, "shape": shape})
+    for scene, negative in accepted_scenes(seed, size_first_index, num, size_swap, "size-swap scenes", True):
+        out.append({"scene": scene, "kind": SIZE_SWAP, "negative": negative, "size": "large+small", "shape": ""})
     return out
 
 
@@ -83,7 +94,7 @@ def main(argv=None) -> dict:
     p.add_argument("--checkpoint", help="vlp checkpoint (or an open_clip file with --model)")
     p.add_argument("--model", help="architecture (with no --checkpoint: random init)")
     p.add_argument("--seed", type=int, default=0, help="the shapes data's seed (vlp demo's: 0)")
-    p.add_argument("--num", type=int, default=500, help="scenes (3 items each)")
+    p.add_argument("--num", type=int, default=500, help="scenes (3 items each), and as many size-swap scenes")
     p.add_argument("--start-index", type=int, default=2 * VAL_START, help="as given to export_eval_layouts")
     p.add_argument("--training-scenes", action="store_true", help="scenes 0.. (vlp demo's training scenes) instead")
     p.add_argument("--out", type=Path, help="JSON file (default: the run's eval/ folder, or the current folder)")
@@ -94,9 +105,11 @@ def main(argv=None) -> dict:
     model.eval()
     scenes = "training" if args.training_scenes else "heldout"
     first = 0 if args.training_scenes else layout_start("compositional", args.start_index)
-    rows = items(args.seed, first, args.num)
+    size_first = 0 if args.training_scenes else layout_start("compositional_size", args.start_index)
+    rows = items(args.seed, first, args.num, size_first)
     result = {"checkpoint": args.checkpoint, "model": args.model, "seed": args.seed, "scenes": scenes}
-    result.update(first_index=first, num_scenes=args.num, **summarise(rows, score(model, preprocess, tokenizer, rows)))
+    result.update(first_index=first, size_first_index=size_first, num_scenes=args.num)
+    result.update(summarise(rows, score(model, preprocess, tokenizer, rows)))
     out = args.out
     if out is None:
         ckpt = Path(args.checkpoint) if args.checkpoint else None

@@ -3,8 +3,12 @@
 Each trains the `debug` CLIP of `configs/demo.yaml` on the synthetic shapes twice per seed, with
 the same data, steps and seed: a baseline, and a variant with one addition (the script's own
 overrides). Both are evaluated on the demo's held-out tasks: zero-shot classification, retrieval,
-compositional (swap/replace attribute/object; ``compositional_attribute_acc`` is the mean of the two
-attribute types, the issue's "swap/replace attribute") and counting (counts 2..6). ``--set`` changes
+compositional and counting (counts 2..6). Compositional: ``compositional_acc`` is the mean of swap
+attribute (the two groups' colours), replace attribute (a colour) and replace object (a shape);
+``compositional_attribute_acc`` that of the two colour types, the issue's "swap/replace attribute";
+``compositional_swap_size`` the held-out size swap (the two groups' sizes, on scenes of its own),
+and ``compositional_color_size_acc`` the mean of every attribute type: both swaps and replace
+attribute. ``--set`` changes
 both runs; ``--variant-set`` changes the variant only, after its own settings, so it can override
 them (``--variant-set loss.negatives.image_grounded_weight=3``). The script prints a
 table, writes ``<out>/replicate_<name>.json`` and, with ``--json``, prints that JSON object. The shapes
@@ -34,14 +38,20 @@ METRICS = {  # report key -> the trainer's final eval key
     "zeroshot_acc1": "zeroshot_classification/acc1",
     "retrieval_t2i_r1": "zeroshot_retrieval/image_retrieval_recall@1",
     "retrieval_i2t_r1": "zeroshot_retrieval/text_retrieval_recall@1",
-    "compositional_acc": "compositional/acc",
     "compositional_swap_attribute": "compositional/acc_swap_attribute",
     "compositional_replace_attribute": "compositional/acc_replace_attribute",
     "compositional_replace_object": "compositional/acc_replace_object",
+    "compositional_swap_size": "compositional/acc_swap_size",
     "counting_acc": "counting/acc",
 }
-# report key -> the report keys it is the mean of: the issue's "compositional accuracy (swap/replace attribute)"
-DERIVED = {"compositional_attribute_acc": ("compositional_swap_attribute", "compositional_replace_attribute")}
+# report key -> the report keys it is the mean of. compositional_acc keeps its three types (the
+# eval's own compositional/acc also counts the swap_size rows), so it compares with earlier runs.
+COLOR_TYPES = ("compositional_swap_attribute", "compositional_replace_attribute")
+DERIVED = {
+    "compositional_acc": (*COLOR_TYPES, "compositional_replace_object"),
+    "compositional_attribute_acc": COLOR_TYPES,  # the issue's "compositional accuracy (swap/replace attribute)"
+    "compositional_color_size_acc": (*COLOR_TYPES, "compositional_swap_size"),
+}
 REPORTED = [*METRICS, *DERIVED]
 
 

@@ -8,11 +8,15 @@
     retrieval.jsonl   + retrieval/<index>.png   {"image", "captions": [caption, rephrased]}
     compositional.jsonl + compositional/<index>.png
                       {"image", "positive", "negatives": [one], "type"}: one row per negative type
+                      of NEGATIVE_TYPES per scene, then one swap_size row per scene of its own
     counting.jsonl    + counting/<index>.png    {"image", "caption", "count"} with count in 2..6
     _layouts.json                               parameters and paths, written last
 
-Each layout draws its scenes from its own block of indices (``start_index + k * INDEX_BLOCK``), so
-no image is shared between layouts; scenes a layout cannot use are skipped deterministically.
+Each layout draws its scenes from its own block of indices (``start_index + k * INDEX_BLOCK``, k in
+SCENE_BLOCKS order), so no image is shared between layouts; scenes a layout cannot use are skipped
+deterministically. The swap_size rows have their own block: a size swap needs two groups of
+different sizes whose caption names both sizes (a quarter of two-group scenes), and drawing those
+from the other types' scenes would change which scenes the other types test.
 """
 
 from __future__ import annotations
@@ -29,16 +33,18 @@ from vlp.data import synthetic
 from vlp.data.synthetic_counterfactual import CHANGE_TYPES, changed_groups, describes, phrase, size_flags
 
 LAYOUTS_FILE = "_layouts.json"
-LAYOUTS_VERSION = 1  # bump when the files written for given parameters change
+LAYOUTS_VERSION = 2  # bump when the files written for given parameters change (2: swap_size rows)
 INDEX_BLOCK = 1_000_000  # indices per layout; a layout may use at most this many scenes
 COUNT_RANGE = (2, 6)
-NEGATIVE_TYPES = CHANGE_TYPES
+NEGATIVE_TYPES = CHANGE_TYPES  # one row of each per scene of the compositional block
+SIZE_SWAP = "swap_size"  # the two groups' size words swapped; scenes of the compositional_size block
 LAYOUT_DIRS = {
     "zeroshot_classification": "classification",
     "zeroshot_retrieval": "retrieval",
     "compositional": "compositional",
     "counting": "counting",
 }
+SCENE_BLOCKS = (*LAYOUT_DIRS, "compositional_size")  # index block k of start_index + k * INDEX_BLOCK
 
 
 def folder_name(label: str) -> str:
@@ -82,9 +88,28 @@ def negatives(scene: synthetic.Scene, seed: int) -> dict[str, str] | None:
     return {kind: phrase(new, flags) for kind, new in changed.items()}
 
 
+def size_swap(scene: synthetic.Scene) -> str | None:
+    """The caption with its two groups' size words swapped ("two small red circles and a large blue
+    star" -> "two large red circles and a small blue star"), or None unless the scene has two
+    groups of different sizes and its caption names both sizes (otherwise no swap makes it false).
+
+    Colour, shape, count and order stay the positive's, so a model that reads the caption as a bag
+    of words sees the same words; only which group is which size tells the two apart.
+    """
+    groups = scene.meta["groups"]
+    if len(groups) != 2 or groups[0]["size"] == groups[1]["size"]:
+        return None
+    flags = size_flags(groups, scene.caption)
+    if not all(flags):
+        return None
+    a, b = groups
+    return phrase([{**a, "size": b["size"]}, {**b, "size": a["size"]}], flags)
+
+
 def layout_start(layout: str, start_index: int) -> int:
-    """First scene index of ``layout``'s block when export_eval_layouts is given ``start_index``."""
-    return start_index + list(LAYOUT_DIRS).index(layout) * INDEX_BLOCK
+    """First scene index of ``layout``'s block (one of SCENE_BLOCKS) when export_eval_layouts is
+    given ``start_index``."""
+    return start_index + SCENE_BLOCKS.index(layout) * INDEX_BLOCK
 
 
 def accepted_scenes(seed: int, start: int, num: int, build: Callable, desc: str, progress: bool, **kwargs) -> Iterator:
@@ -146,12 +171,11 @@ def _classification(out: Path, scenes: Iterator) -> None:
     _write_text(root / "templates.txt", "".join(f"{t}\n" for t in synthetic.ZEROSHOT_TEMPLATES))
 
 
-def _rows(out: Path, layout: str, scenes: Iterator, make_rows: Callable) -> None:
-    """Save each scene's PNG under ``out/<layout dir>`` and write ``make_rows(image, scene, built)``."""
+def _rows(out: Path, layout: str, scenes: Iterator, make_rows: Callable) -> list[dict]:
+    """Save each scene's PNG under ``out/<layout dir>``; the rows ``make_rows(image, scene, built)``."""
     folder = out / LAYOUT_DIRS[layout]
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [row for scene, built in scenes for row in make_rows(_save(scene, folder), scene, built)]
-    _write_jsonl(out / f"{LAYOUT_DIRS[layout]}.jsonl", rows)
+    return [row for scene, built in scenes for row in make_rows(_save(scene, folder), scene, built)]
 
 
 def _count_in_range(scene: synthetic.Scene) -> int | None:
@@ -168,6 +192,11 @@ def _retrieval_rows(image: str, scene: synthetic.Scene, second: str) -> list[dic
 def _compositional_rows(image: str, scene: synthetic.Scene, negs: dict[str, str]) -> list[dict]:
     """One row per negative type, each with the scene's caption as the positive."""
     return [{"image": image, "positive": scene.caption, "negatives": [negs[t]], "type": t} for t in NEGATIVE_TYPES]
+
+
+def _size_swap_row(image: str, scene: synthetic.Scene, negative: str) -> list[dict]:
+    """One swap_size row: the scene's caption and that caption with the sizes swapped."""
+    return [{"image": image, "positive": scene.caption, "negatives": [negative], "type": SIZE_SWAP}]
 
 
 def _counting_rows(image: str, scene: synthetic.Scene, count: int) -> list[dict]:
@@ -210,8 +239,9 @@ def export_eval_layouts(
 ) -> dict[str, str]:
     """Write the classification, retrieval, compositional and counting layouts (module docstring).
 
-    ``num_images`` scenes per layout (compositional writes 3 rows per scene, one per negative
-    type). Idempotent: when ``_layouts.json`` holds the same parameters nothing is rewritten.
+    ``num_images`` scenes per layout (compositional: 3 rows per scene, one per negative type, then
+    ``num_images`` swap_size rows from scenes of their own). Idempotent: when ``_layouts.json``
+    holds the same parameters nothing is rewritten.
 
     Returns:
         ``{task name: path}`` for vlp.eval.datasets.load_eval_data: zeroshot_classification ->
@@ -234,20 +264,24 @@ def export_eval_layouts(
     (out / LAYOUTS_FILE).unlink(missing_ok=True)  # an interrupted rewrite must not look complete
     _remove_old_images(out)
 
-    # (layout, scene -> what its rows need or None to skip the scene, single-group scenes?, row maker)
+    # (scene block, layout its rows go to, scene -> what its rows need or None to skip the scene,
+    #  single-group scenes?, row maker); a layout's JSONL is written once its last block is done
     plan = (
-        ("zeroshot_classification", lambda scene: True, True, None),
-        ("zeroshot_retrieval", rephrase, False, _retrieval_rows),
-        ("compositional", lambda scene: negatives(scene, seed), False, _compositional_rows),
-        ("counting", _count_in_range, True, _counting_rows),
+        ("zeroshot_classification", "zeroshot_classification", lambda scene: True, True, None),
+        ("zeroshot_retrieval", "zeroshot_retrieval", rephrase, False, _retrieval_rows),
+        ("compositional", "compositional", lambda scene: negatives(scene, seed), False, _compositional_rows),
+        ("compositional_size", "compositional", size_swap, False, _size_swap_row),
+        ("counting", "counting", _count_in_range, True, _counting_rows),
     )
-    for layout, build, single_group, make_rows in plan:
-        start, desc = layout_start(layout, start_index), LAYOUT_DIRS[layout]
+    rows: dict[str, list[dict]] = {}
+    for k, (block, layout, build, single_group, make_rows) in enumerate(plan):
         kwargs = {"image_size": image_size, "single_group": single_group}
-        scenes = accepted_scenes(seed, start, num_images, build, desc, progress, **kwargs)
+        scenes = accepted_scenes(seed, layout_start(block, start_index), num_images, build, block, progress, **kwargs)
         if make_rows is None:
             _classification(out, scenes)
-        else:
-            _rows(out, layout, scenes, make_rows)
+            continue
+        rows.setdefault(layout, []).extend(_rows(out, layout, scenes, make_rows))
+        if all(other[1] != layout for other in plan[k + 1 :]):
+            _write_jsonl(out / f"{LAYOUT_DIRS[layout]}.jsonl", rows.pop(layout))
     _write_text(out / LAYOUTS_FILE, json.dumps({"params": params, "layouts": LAYOUT_DIRS}, indent=2) + "\n")
     return _layout_paths(out)
