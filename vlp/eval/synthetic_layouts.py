@@ -15,7 +15,7 @@
 Each layout draws its scenes from its own block of indices (``start_index + k * INDEX_BLOCK``, k in
 SCENE_BLOCKS order), so no image is shared between layouts; scenes a layout cannot use are skipped
 deterministically. The swap_size rows have their own block: a size swap needs two groups of
-different sizes whose caption names both sizes (a quarter of two-group scenes), and drawing those
+different sizes whose caption names both sizes (under a fifth of two-group scenes), and drawing those
 from the other types' scenes would change which scenes the other types test.
 """
 
@@ -88,22 +88,33 @@ def negatives(scene: synthetic.Scene, seed: int) -> dict[str, str] | None:
     return {kind: phrase(new, flags) for kind, new in changed.items()}
 
 
+def drawable(groups: list[dict]) -> bool:
+    """Whether make_scene could draw ``groups``: no large group over MAX_LARGE_PER_GROUP objects and
+    no more than MAX_LARGE_TOTAL large objects in all."""
+    large = [g["count"] for g in groups if g["size"] == "large"]
+    return all(n <= synthetic.MAX_LARGE_PER_GROUP for n in large) and sum(large) <= synthetic.MAX_LARGE_TOTAL
+
+
 def size_swap(scene: synthetic.Scene) -> str | None:
     """The caption with its two groups' size words swapped ("two small red circles and a large blue
     star" -> "two large red circles and a small blue star"), or None unless the scene has two
-    groups of different sizes and its caption names both sizes (otherwise no swap makes it false).
+    groups of different sizes, its caption names both sizes (otherwise no swap makes it false) and
+    the swapped groups are :func:`drawable`.
 
     Colour, shape, count and order stay the positive's, so a model that reads the caption as a bag
-    of words sees the same words; only which group is which size tells the two apart.
+    of words sees the same words; only which group is which size tells the two apart. A swap that
+    makes a group of four small objects large describes no training image (large groups hold at
+    most three), so the caption alone would give it away: such scenes are skipped.
     """
     groups = scene.meta["groups"]
     if len(groups) != 2 or groups[0]["size"] == groups[1]["size"]:
         return None
     flags = size_flags(groups, scene.caption)
-    if not all(flags):
-        return None
     a, b = groups
-    return phrase([{**a, "size": b["size"]}, {**b, "size": a["size"]}], flags)
+    swapped = [{**a, "size": b["size"]}, {**b, "size": a["size"]}]
+    if not all(flags) or not drawable(swapped):
+        return None
+    return phrase(swapped, flags)
 
 
 def layout_start(layout: str, start_index: int) -> int:
