@@ -8,9 +8,8 @@ attribute (the two groups' colours), replace attribute (a colour) and replace ob
 ``compositional_attribute_acc`` that of the two colour types, the issue's "swap/replace attribute";
 ``compositional_swap_size`` the held-out size swap (the two groups' sizes, on scenes of its own),
 and ``compositional_color_size_acc`` the mean of every attribute type: both swaps and replace
-attribute. ``--set`` changes
-both runs; ``--variant-set`` changes the variant only, after its own settings, so it can override
-them (``--variant-set loss.negatives.image_grounded_weight=3``). The script prints a
+attribute. ``--set`` changes both runs; ``--variant-set`` changes the variant only, after its own
+settings, so it can override them (``--variant-set loss.negatives.image_grounded_weight=3``). The script prints a
 table, writes ``<out>/replicate_<name>.json`` and, with ``--json``, prints that JSON object. The shapes
 data goes to ``<out>/data``; data already there (from an earlier run, or `vlp demo --out` the same
 folder) is reused when it is up to date. With ``--eval-every N`` both runs are also evaluated

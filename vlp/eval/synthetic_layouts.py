@@ -15,8 +15,8 @@
 Each layout draws its scenes from its own block of indices (``start_index + k * INDEX_BLOCK``, k in
 SCENE_BLOCKS order), so no image is shared between layouts; scenes a layout cannot use are skipped
 deterministically. The swap_size rows have their own block: a size swap needs two groups of
-different sizes whose caption names both sizes (under a fifth of two-group scenes), and drawing those
-from the other types' scenes would change which scenes the other types test.
+different sizes whose caption names both sizes (about one two-group scene in nine), and drawing
+those from the other types' scenes would change which scenes the other types test.
 """
 
 from __future__ import annotations
