@@ -24,14 +24,7 @@ from vlp.eval.datasets import (
     load_retrieval,
     load_templates,
 )
-from vlp.eval.synthetic_layouts import (
-    describes,
-    drawable,
-    export_eval_layouts,
-    negatives,
-    size_flags,
-    size_swap,
-)
+from vlp.eval.synthetic_layouts import describes, export_eval_layouts, negatives, size_flags, size_swap
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -279,17 +272,18 @@ def test_size_swap_swaps_only_the_size_words_and_is_false_of_the_image():
     for index in range(400):
         scene = synthetic.make_scene(3, index)
         groups, negative = scene.meta["groups"], size_swap(scene)
+        assert synthetic.drawable(groups)  # the rule holds of every scene the generator draws
         a, b = groups if len(groups) == 2 else (groups[0], groups[0])
         swapped = [{**a, "size": b["size"]}, {**b, "size": a["size"]}]
         if negative is None:  # not two groups, one size, a size word left out, or a swap no image could have
             named_both = all(size_flags(groups, scene.caption))
-            assert a is b or a["size"] == b["size"] or not named_both or not drawable(swapped)
+            assert a is b or a["size"] == b["size"] or not named_both or not synthetic.drawable(swapped)
             continue
         made += 1
         exchanged = [{"small": "large", "large": "small"}.get(w, w) for w in scene.caption.split()]
         assert negative.split() == exchanged  # the positive's words, with its two size words exchanged
         assert not describes(swapped, (True, True), groups) and describes(groups, (True, True), groups)
-        assert drawable(swapped)
+        assert synthetic.drawable(swapped)
     assert made >= 10
     a = {"shape": "circle", "color": "red", "size": "small", "count": 2}
     b = {"shape": "star", "color": "blue", "size": "large", "count": 1}
@@ -300,7 +294,7 @@ def test_size_swap_swaps_only_the_size_words_and_is_false_of_the_image():
     # four large circles: more than a large group ever holds, so the text alone would show it false
     a = {**a, "count": synthetic.MAX_LARGE_PER_GROUP + 1}
     scene = synthetic.Scene(None, "four small red circles and a large blue star", {"groups": [a, b], "index": 0})
-    assert size_swap(scene) is None and not drawable([{**a, "size": "large"}, {**b, "size": "small"}])
+    assert size_swap(scene) is None and not synthetic.drawable([{**a, "size": "large"}, {**b, "size": "small"}])
 
 
 def test_compositional_negatives_are_false_of_the_image():

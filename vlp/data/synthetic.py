@@ -130,6 +130,13 @@ def _sample_groups(rng: np.random.Generator, single_group: bool) -> list[dict]:
     return groups
 
 
+def drawable(groups: list[dict]) -> bool:
+    """Whether :func:`make_scene` could draw ``groups`` (the caps :func:`_sample_groups` applies): no
+    large group over MAX_LARGE_PER_GROUP objects and no more than MAX_LARGE_TOTAL large objects in all."""
+    large = [g["count"] for g in groups if g["size"] == "large"]
+    return all(n <= MAX_LARGE_PER_GROUP for n in large) and sum(large) <= MAX_LARGE_TOTAL
+
+
 def _lattice(lo: float, hi: float, step: float) -> np.ndarray:
     """Points on multiples of ``step`` inside [lo, hi] (exact binary floats for step 0.5/1)."""
     start = math.ceil(lo / step) * step

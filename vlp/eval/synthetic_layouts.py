@@ -88,18 +88,11 @@ def negatives(scene: synthetic.Scene, seed: int) -> dict[str, str] | None:
     return {kind: phrase(new, flags) for kind, new in changed.items()}
 
 
-def drawable(groups: list[dict]) -> bool:
-    """Whether make_scene could draw ``groups``: no large group over MAX_LARGE_PER_GROUP objects and
-    no more than MAX_LARGE_TOTAL large objects in all."""
-    large = [g["count"] for g in groups if g["size"] == "large"]
-    return all(n <= synthetic.MAX_LARGE_PER_GROUP for n in large) and sum(large) <= synthetic.MAX_LARGE_TOTAL
-
-
 def size_swap(scene: synthetic.Scene) -> str | None:
     """The caption with its two groups' size words swapped ("two small red circles and a large blue
     star" -> "two large red circles and a small blue star"), or None unless the scene has two
     groups of different sizes, its caption names both sizes (otherwise no swap makes it false) and
-    the swapped groups are :func:`drawable`.
+    the swapped groups are ``synthetic.drawable``.
 
     Colour, shape, count and order stay the positive's, so a model that reads the caption as a bag
     of words sees the same words; only which group is which size tells the two apart. A swap that
@@ -112,7 +105,7 @@ def size_swap(scene: synthetic.Scene) -> str | None:
     flags = size_flags(groups, scene.caption)
     a, b = groups
     swapped = [{**a, "size": b["size"]}, {**b, "size": a["size"]}]
-    if not all(flags) or not drawable(swapped):
+    if not all(flags) or not synthetic.drawable(swapped):
         return None
     return phrase(swapped, flags)
 
@@ -276,7 +269,7 @@ def export_eval_layouts(
     _remove_old_images(out)
 
     # (scene block, layout its rows go to, scene -> what its rows need or None to skip the scene,
-    #  single-group scenes?, row maker); a layout's JSONL is written once its last block is done
+    #  single-group scenes?, row maker); each layout's JSONL holds its blocks' rows in plan order
     plan = (
         ("zeroshot_classification", "zeroshot_classification", lambda scene: True, True, None),
         ("zeroshot_retrieval", "zeroshot_retrieval", rephrase, False, _retrieval_rows),
@@ -285,14 +278,14 @@ def export_eval_layouts(
         ("counting", "counting", _count_in_range, True, _counting_rows),
     )
     rows: dict[str, list[dict]] = {}
-    for k, (block, layout, build, single_group, make_rows) in enumerate(plan):
+    for block, layout, build, single_group, make_rows in plan:
         kwargs = {"image_size": image_size, "single_group": single_group}
         scenes = accepted_scenes(seed, layout_start(block, start_index), num_images, build, block, progress, **kwargs)
         if make_rows is None:
             _classification(out, scenes)
-            continue
-        rows.setdefault(layout, []).extend(_rows(out, layout, scenes, make_rows))
-        if all(other[1] != layout for other in plan[k + 1 :]):
-            _write_jsonl(out / f"{LAYOUT_DIRS[layout]}.jsonl", rows.pop(layout))
+        else:
+            rows.setdefault(layout, []).extend(_rows(out, layout, scenes, make_rows))
+    for layout, layout_rows in rows.items():
+        _write_jsonl(out / f"{LAYOUT_DIRS[layout]}.jsonl", layout_rows)
     _write_text(out / LAYOUTS_FILE, json.dumps({"params": params, "layouts": LAYOUT_DIRS}, indent=2) + "\n")
     return _layout_paths(out)
