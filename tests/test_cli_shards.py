@@ -49,3 +49,25 @@ def test_synthetic_eval_layouts_cli(tmp_path):
     for task in ("zeroshot_classification", "zeroshot_retrieval", "compositional", "counting"):
         assert f"vlp eval --task {task} --data" in proc.stdout
     assert (tmp_path / "ev" / "counting.jsonl").is_file() and (tmp_path / "ev" / "classification").is_dir()
+
+
+def test_eval_layouts_say_what_they_write_and_show_one_bar(tmp_path, monkeypatch):
+    import vlp.eval.synthetic_layouts as layouts
+
+    bars = []
+    real = layouts.tqdm
+
+    def recording(*args, **kwargs):
+        bars.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layouts, "tqdm", recording)
+    proc = run_main("shards", "--synthetic", "--eval-layouts", "--num-samples", 6, "--out", tmp_path / "ev")
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith(
+        f"vlp: writing the eval layouts (classification, retrieval, compositional, counting) to {tmp_path / 'ev'}"
+    )
+    assert "30 scenes, 6 per layout" in first and "--num-samples" in first
+    # one bar over every scene, hidden when stderr is not a terminal (disable=None)
+    shown = [b for b in bars if b.get("disable") is not True]
+    assert len(shown) == 1 and shown[0]["total"] == 30 and shown[0]["disable"] is None

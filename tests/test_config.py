@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vlp.config import Config, ConfigError, config_from_dict, config_reference, load_config
+from vlp.config import Config, ConfigError, config_from_dict, load_config
+from vlp.config_docs import config_reference
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -79,9 +80,20 @@ def test_every_shipped_config_loads():
 
 
 def test_configuration_doc_is_generated_from_the_dataclasses():
-    from vlp.config import DOCS_INTRO
+    from vlp.config_docs import DOCS_INTRO
 
     doc = (REPO / "docs" / "configuration.md").read_text()
     assert config_reference() in doc and DOCS_INTRO.strip() in doc, (
-        "regenerate: python -m vlp.config > docs/configuration.md"
+        "regenerate: python -m vlp.config_docs > docs/configuration.md"
     )
+
+
+def test_config_file_not_utf8_names_file_and_line(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_bytes("# r\u00e9sum\u00e9 of the run\ntrain:\n  steps: 7\n".encode("cp1252"))
+    with pytest.raises(
+        ConfigError, match=r"c\.yaml:1: not valid UTF-8 \(byte 0xe9 at column 4\); save the file as UTF-8"
+    ):
+        load_config(f)
+    f.write_bytes("\ufeff# r\u00e9sum\u00e9\r\ntrain:\r\n  steps: 7\r\n".encode("utf-8"))  # a BOM and CRLF are fine
+    assert load_config(f).train.steps == 7

@@ -148,6 +148,35 @@ def test_retrieval_shards(tmp_path):
     assert data.skipped == {"missing_caption": 1, "missing_image": 1}
 
 
+def test_text_files_not_utf8_name_file_line_and_fix(tmp_path):
+    # Excel's cp1252: class names, templates, JSONL and SugarCrepe JSON each stop with file:line, not a traceback
+    names = tmp_path / "names.txt"
+    names.write_bytes("cat\ncaf\u00e9 au lait\n".encode("cp1252"))
+    with pytest.raises(EvalDataError, match=r"names\.txt:2: not valid utf-8 \(byte 0xe9 at column 4\); save the file"):
+        load_classnames(names)
+    with pytest.raises(EvalDataError, match=r"names\.txt:2: not valid utf-8"):
+        load_templates(names)
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    ret = tmp_path / "ret.jsonl"
+    ret.write_bytes(b'{"image": "a.png", "caption": "ok"}\n{"image": "a.png", "caption": "\x93quoted\x94"}\n')
+    with pytest.raises(EvalDataError, match=r"ret\.jsonl:2: not valid utf-8 \(byte 0x93 at column 32\)"):
+        load_retrieval(ret)
+    sugar = tmp_path / "swap_att.json"
+    sugar.write_bytes('{"0": {"filename": "a.png", "caption": "caf\u00e9", "negative_caption": "x"}}'.encode("cp1252"))
+    with pytest.raises(EvalDataError, match=r"swap_att\.json:1: not valid utf-8"):
+        load_compositional(sugar, images_root=tmp_path)
+
+
+def test_text_files_with_bom_and_crlf(tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_bytes("caf\u00e9\r\ndog\r\n".encode("utf-16"))  # Notepad's "Unicode"
+    assert load_classnames(names) == ["caf\u00e9", "dog"]
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    rows = [{"image": "a.png", "captions": ["one"]}, {"image": "a.png", "caption": "caf\u00e9"}]
+    (tmp_path / "ret.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\r\n" for r in rows).encode())
+    assert load_retrieval(tmp_path / "ret.jsonl").captions == ["one", "caf\u00e9"]
+
+
 # ---------------------------------------------------------------- compositional and counting
 
 

@@ -13,15 +13,8 @@ import pytest
 from PIL import Image
 
 from vlp.data import synthetic
-from vlp.data.shards import (
-    INFO_FILE,
-    SIZES_FILE,
-    SKIP_KINDS,
-    ShardError,
-    read_sizes,
-    write_caption_shards,
-    write_synthetic_shards,
-)
+from vlp.data.caption_files import SKIP_KINDS, write_caption_shards
+from vlp.data.shards import INFO_FILE, SIZES_FILE, ShardError, read_sizes, write_synthetic_shards
 
 
 def tar_members(path: Path) -> dict[str, dict[str, bytes]]:
@@ -143,7 +136,7 @@ def test_invalid_synthetic_arguments(tmp_path):
 
 @pytest.fixture()
 def image_folder(tmp_path):
-    """A folder with one small image per format, plus a few broken/unsupported files."""
+    """A folder with one small image per format, plus a broken file and a BMP (converted to PNG)."""
     root = tmp_path / "images"
     (root / "sub").mkdir(parents=True)
     colors = {"a.png": "red", "b.jpg": "green", "sub/c.webp": "blue", "d.jpeg": "yellow"}
@@ -225,20 +218,17 @@ def test_captions_bad_rows_are_skipped_and_counted(image_folder, tmp_path, caplo
         {"image": "sub/c.webp", "caption": "fine too"},
     ]
     captions = write_jsonl(image_folder / "captions.jsonl", rows)
-    with caplog.at_level(logging.WARNING, logger="vlp.data.shards"):
+    with caplog.at_level(logging.WARNING, logger="vlp.data.caption_files"):
         info = write_caption_shards(captions, tmp_path / "out", progress=False)
-    assert info["num_samples"] == 2 and info["num_rows"] == 10
-    assert info["skipped"] == {
-        "missing_image": 2,
-        "empty_caption": 2,
-        "unreadable_image": 1,
-        "outside_root": 2,
-        "unsupported_format": 1,
-    }
+    assert info["num_samples"] == 3 and info["num_rows"] == 10
+    counts = {"missing_image": 2, "empty_caption": 2, "corrupt_image": 1, "outside_root": 2}
+    assert info["skipped"] == {kind: counts.get(kind, 0) for kind in SKIP_KINDS}
     assert json.loads((tmp_path / "out" / INFO_FILE).read_text())["skipped"] == info["skipped"]
     message = caplog.text
-    assert "skipped 8 of 10" in message and "line 2: missing_image" in message and "nope.png" in message
-    assert sorted(all_members(tmp_path / "out", info)) == ["000000000", "000000009"]
+    assert "skipped 7 of 10" in message and "line 2: missing_image" in message and "nope.png" in message
+    # the BMP is no longer refused: converted to PNG, and counted as such
+    assert sorted(all_members(tmp_path / "out", info)) == ["000000000", "000000008", "000000009"]
+    assert info["formats"] == {"png": 1, "png (converted from BMP)": 1, "webp": 1} and info["converted"] == 1
 
 
 def test_captions_allow_outside_root(image_folder, tmp_path):

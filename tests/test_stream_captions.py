@@ -136,7 +136,9 @@ def test_unique_captions_overflow_is_counted(tmp_path):
 def test_unique_captions_with_too_few_captions_stops(tmp_path):
     """Fewer distinct captions than a batch holds: an error after a whole epoch, not an endless loop."""
     pattern = _write_shards(tmp_path, [_sample(i, f"caption {i % 4}") for i in range(32)])
-    with pytest.raises(RuntimeError, match="fewer than 8 distinct captions"):
+    from vlp.data.usable import DataStopError
+
+    with pytest.raises(DataStopError, match="fewer than 8 distinct captions"):
         next(iter(_loader(pattern, batch_size=8, unique_captions=True)))
 
 

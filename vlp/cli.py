@@ -28,6 +28,11 @@ def _add_train(sub) -> None:
         help="override a config key, e.g. --set train.lr=3e-4 (repeatable)",
     )
     p.add_argument("--resume", help="`latest` or a checkpoint path (same as --set train.resume=...)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start fresh in an output_dir that holds another run's checkpoints, deleting them (train.overwrite)",
+    )
     # the DeepSpeed launcher appends --local_rank=N; the rank is read from LOCAL_RANK as well
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -55,7 +60,7 @@ def _add_shards(sub) -> None:
     p = sub.add_parser("shards", help="write WebDataset shards from a captions file or the shapes generator")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--synthetic", action="store_true", help="generate the synthetic shapes data")
-    src.add_argument("--captions", help="JSONL or CSV file: image path + caption [+ extra fields]")
+    src.add_argument("--captions", help="JSONL, CSV or TSV file: image path + caption [+ extra fields]")
     src.add_argument(
         "--from",
         dest="from_source",
@@ -96,6 +101,15 @@ def _add_shards(sub) -> None:
     g.add_argument("--image-key", default="image")
     g.add_argument("--caption-key", default="caption")
     g.add_argument("--allow-outside-root", action="store_true", help="accept image paths outside --images-root")
+    g.add_argument("--encoding", default="utf-8", help="of the captions file, e.g. cp1252 (a byte-order mark decides)")
+    g.add_argument(
+        "--extra-fields",
+        choices=("skip", "join"),
+        default="skip",
+        help="CSV/TSV rows with more cells than the header (an unquoted delimiter in the caption): skip and count "
+        "them, or join the cells back onto the caption (the caption must be the last column)",
+    )
+    g.add_argument("--model", default="ViT-B-32", help="architecture whose text context long captions are counted for")
     g = p.add_argument_group("--from openclipart | fashion-mnist (also --seed, --max-samples-per-shard)")
     g.add_argument("--source", help="dataset folder (default: the Debian package's)")
     g.add_argument("--size", type=_positive_int, default=224, help="openclipart: image side in pixels")
@@ -221,6 +235,7 @@ def cmd_train(args) -> int:
     from vlp.config import load_config
 
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    overrides += ["train.overwrite=true"] if args.overwrite else []
     cfg = load_config(args.config, overrides)  # a config mistake is reported before torch is even imported
 
     from vlp.train import backends
@@ -255,11 +270,24 @@ def cmd_demo(args) -> int:
 def cmd_shards(args) -> int:
     from vlp.data import shards
 
+    try:
+        return _write_shards(args)
+    except OSError as e:
+        if (message := shards.unwritable_output(e, args.out)) is None:
+            raise  # an input's error (a missing --source) keeps its own message
+        print(f"vlp shards: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _write_shards(args) -> int:
+    from vlp.data import caption_files, shards
+
     if args.from_source:
         return _shards_from_source(args)
     if args.synthetic and args.eval_layouts:
-        from vlp.eval.synthetic_layouts import export_eval_layouts
+        from vlp.eval.synthetic_layouts import export_eval_layouts, layout_summary
 
+        print(f"vlp: {layout_summary(args.out, args.num_samples)}", flush=True)
         paths = export_eval_layouts(args.out, num_images=args.num_samples, seed=args.seed, image_size=args.image_size)
         for task, path in paths.items():
             print(f"vlp: {task}: vlp eval --task {task} --data {path}")
@@ -282,12 +310,15 @@ def cmd_shards(args) -> int:
             print(f"vlp shards: error: {e}", file=sys.stderr)
             return 2
     else:
-        info = shards.write_caption_shards(
+        info = caption_files.write_caption_shards(
             args.captions,
             args.out,
             images_root=args.images_root,
             image_key=args.image_key,
             caption_key=args.caption_key,
+            encoding=args.encoding,
+            extra_fields=args.extra_fields,
+            model=args.model,
             max_samples_per_shard=args.max_samples_per_shard,
             prefix=args.prefix or "data",
             allow_outside_root=args.allow_outside_root,
@@ -295,8 +326,9 @@ def cmd_shards(args) -> int:
     print(f"vlp: wrote {info['num_samples']} samples in {info['num_shards']} shard(s) to {args.out}")
     print(f"vlp: use data.train_shards={args.out}/{info['shards']}")
     skipped = {k: v for k, v in info.get("skipped", {}).items() if v}
-    if skipped:
-        print(f"vlp: skipped rows: {skipped}")
+    lines = caption_files.report_lines(info) if args.captions else [f"skipped rows: {skipped}"] if skipped else []
+    for line in lines:
+        print(f"vlp: {line}")
     return 0
 
 
@@ -421,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"vlp {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training's own handler is installed (or outside training)
+        print(f"vlp {args.command}: interrupted", file=sys.stderr)
+        return 130
     except RuntimeError as e:
         if type(e).__name__ != "DivergedError":  # the message names the step and the last good checkpoint
             raise
@@ -442,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             "UnknownTaskError",
             "GenerationError",
             "ExportError",
+            "DataStopError",
+            "NoUsableDataError",
         )
         if type(e).__name__ in known:
             print(f"vlp {args.command}: error: {e}", file=sys.stderr)

@@ -3,7 +3,7 @@
 Every component receives only its own sub-config (``cfg.data``, ``cfg.train``, ...). Loading is
 strict: an unknown key, a wrong type or an invalid choice raises :class:`ConfigError` with one
 line naming the key, the file and what was expected. Field docs live in ``metadata["help"]`` and
-``docs/configuration.md`` is generated from them (a test keeps the two in sync).
+``docs/configuration.md`` is generated from them (``vlp/config_docs.py``; a test keeps the two in sync).
 """
 
 from __future__ import annotations
@@ -142,7 +142,22 @@ class DataConfig:
     max_image_pixels: int = _f(
         50_000_000, "Images with more pixels are skipped and counted (decompression-bomb guard)."
     )
+    exif_transpose: bool = _f(
+        True,
+        "Turn images upright by their EXIF orientation (phone photos), in training and evaluation alike. "
+        "false: the pixels as stored, as open_clip reads them.",
+    )
+    alpha_background: str = _f(
+        "white",
+        "Colour transparent images are composited on: a name, #rrggbb or r,g,b; `none` drops the alpha channel "
+        "(open_clip's pixels).",
+    )
     image_keys: list[str] = _f(["jpg", "jpeg", "png", "webp"], "Sample fields tried for the image, in order.")
+    max_unusable_samples: int = _f(
+        10_000,
+        "A reader that skips this many samples in a row before its first usable one stops the run with an error "
+        "naming the shards and the skip counts (0 = only when every shard was read in full; see docs/data.md).",
+    )
     text_key: str = _f("txt", "Sample field holding the caption.")
     caption_variants_key: str = _f(
         "",
@@ -293,6 +308,11 @@ class TrainConfig:
         0, "With `val_every`: stop after this many validations without improvement (0 = never stop early)."
     )
     resume: str = _f("", "`latest` or a checkpoint path to resume from ('' = start fresh).")
+    overwrite: bool = _f(
+        False,
+        "Start fresh in an output_dir that holds another run's checkpoints, deleting them, its metrics.jsonl and "
+        "TensorBoard files first (otherwise such a start is refused; see docs/reliability.md).",
+    )
     device: str = _f("auto", "`auto` (cuda if available), `cpu` or `cuda`.")
     progress: Literal["auto", "on", "off"] = _f("auto", "tqdm progress bar (`auto` = when stderr is a terminal).")
 
@@ -326,6 +346,7 @@ class Config:
             ("data.batch_size", self.data.batch_size >= 1, "must be >= 1"),
             ("data.workers", self.data.workers >= 0, "must be >= 0"),
             ("data.shuffle_buffer", self.data.shuffle_buffer >= 0, "must be >= 0"),
+            ("data.max_unusable_samples", self.data.max_unusable_samples >= 0, "must be >= 0"),
             ("train.steps", self.train.steps >= 1 or self.train.epochs > 0, "must be >= 1"),
             ("train.lr", self.train.lr > 0, "must be > 0"),
             ("train.accum_steps", self.train.accum_steps >= 1, "must be >= 1"),
@@ -398,10 +419,31 @@ class Config:
             ok = len(self.data.train_weights) == len(self.data.train_shards)
             checks.append(("data.train_weights", ok, "needs one weight per data.train_shards entry"))
             checks.append(("data.train_weights", all(w > 0 for w in self.data.train_weights), "must be > 0"))
+        checks.append(("data.alpha_background", _is_colour(self.data.alpha_background), _COLOUR_HELP))
         for key, ok, msg in checks:
             if not ok:
                 raise ConfigError(f"config key '{key}' = {_get(self, key)!r} {msg}")
         return self
+
+
+_COLOUR_HELP = "must be a colour name (white), #rrggbb, r,g,b (0-255 each) or none"
+
+
+def _is_colour(text: str) -> bool:
+    """Whether ``text`` names a colour as vlp.data.images.parse_background reads it."""
+    from PIL import ImageColor
+
+    text = text.strip()
+    if text.lower() in ("", "none"):
+        return True
+    if "," in text:
+        parts = text.split(",")
+        return len(parts) == 3 and all(p.strip().isdigit() and int(p) <= 255 for p in parts)
+    try:
+        ImageColor.getrgb(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _get(cfg, dotted: str):
@@ -503,6 +545,8 @@ def _parse_set(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if value is None and raw.strip().startswith("#"):
+        value = raw.strip()  # a colour such as #808080, not a YAML comment
     return key.strip().split("."), value
 
 
@@ -518,8 +562,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
+        raw = p.read_bytes().removeprefix(b"\xef\xbb\xbf")  # an editor's UTF-8 byte-order mark is harmless
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line, start = raw.count(b"\n", 0, e.start) + 1, raw.rfind(b"\n", 0, e.start) + 1
+            column = len(raw[start : e.start].decode("utf-8")) + 1  # the bytes before the bad one decode
+            raise ConfigError(
+                f"{p}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column}); save the file as UTF-8"
+            ) from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
         if not isinstance(data, dict):
@@ -546,47 +599,3 @@ def config_from_dict(data: dict, where: str = "checkpoint") -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-
-
-def config_reference() -> str:
-    """Markdown table of every key, its type, default and meaning (docs/configuration.md)."""
-    lines = []
-    for section in dataclasses.fields(Config):
-        lines += _section_table(section.name, section.type if not isinstance(section.type, str) else None)
-    return "\n".join(lines) + "\n"
-
-
-def _section_table(prefix: str, cls) -> list[str]:
-    cls = cls or typing.get_type_hints(Config)[prefix]
-    hints = typing.get_type_hints(cls)
-    rows, subs = [], []
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            subs.append((f"{prefix}.{f.name}", tp))
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        tname = _type_name(tp).replace("|", "\\|")
-        rows.append(f"| `{prefix}.{f.name}` | {tname} | `{default!r}` | {f.metadata.get('help', '')} |")
-    out = []
-    if rows:
-        out += [f"## `{prefix}`", "", "| key | type | default | meaning |", "|---|---|---|---|", *rows, ""]
-    for name, tp in subs:
-        out += _section_table(name, tp)
-    return out
-
-
-DOCS_INTRO = """\
-# Configuration
-
-A run is configured by one YAML file (`vlp train --config configs/demo.yaml`) plus any number of
-`--set a.b=c` overrides, applied in order after the file (`--set train.lr=3e-4 --set data.batch_size=64`).
-Override values are parsed as YAML, and a single value given for a list key becomes a one-element
-list. Loading is strict: an unknown key, a wrong type or an invalid value stops the command before any
-work, with one line naming the key, the file (or the `--set`) and what was expected; an unknown key
-also gets the closest valid name. The resolved configuration is saved as `config.yaml` in the run
-folder (`train.output_dir`) and inside every checkpoint. Every key, with its type and default:
-"""
-
-if __name__ == "__main__":
-    print(DOCS_INTRO + "\n<!-- generated by: python -m vlp.config -->\n\n" + config_reference(), end="")

@@ -53,6 +53,7 @@ def demo_config(out: Path, steps: int | None, overrides: list[str], config: str 
         f"data.train_shards=['{data}/train/shapes-{{000000..{TRAIN_SAMPLES // PER_SHARD - 1:06d}}}.tar']",
         f"data.val_shards=['{val}']",
         f"train.output_dir={out / 'run'}",
+        "train.overwrite=true",  # the demo starts over each time it is run
     ]
     if steps is not None:
         sets.append(f"train.steps={steps}")

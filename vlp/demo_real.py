@@ -75,6 +75,7 @@ def real_config(out: Path, shards: dict, overrides: list[str], quick: bool):
         f"eval.data=['{clip / 'heldout' / shards['heldout']['shards']}', '{data / 'fashion-mnist' / 'test'}', "
         f"'{data / 'fashion-mnist'}']",
         f"train.output_dir={out / 'run'}",
+        "train.overwrite=true",  # the demo starts over each time it is run
     ]
     if quick:  # a smoke run: the whole pipeline on a few hundred images in about a minute
         sets += ["data.batch_size=64", "train.steps=60", "train.warmup_steps=10", "train.val_every=20"]
@@ -85,8 +86,14 @@ def untrained_baseline(trainer) -> dict:
     """The eval tasks on the model as built: pretrained trunks, random projection heads."""
     from vlp.eval.run import evaluate_tasks, flat_metrics
     from vlp.eval.tasks import EvalContext
+    from vlp.train.data import image_policy
 
-    ctx = EvalContext(env=trainer.env, preprocess=trainer.eval_preprocess, batch_size=trainer.cfg.eval.batch_size)
+    ctx = EvalContext(
+        env=trainer.env,
+        preprocess=trainer.eval_preprocess,
+        batch_size=trainer.cfg.eval.batch_size,
+        image_policy=image_policy(trainer.cfg.data),
+    )
     return flat_metrics(evaluate_tasks(trainer.model, trainer.tokenizer, trainer.eval_specs, ctx))
 
 

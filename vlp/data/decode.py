@@ -6,7 +6,7 @@ travels with the batches to the training process, which reports the totals in it
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import json
 import logging
 import random
@@ -14,6 +14,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from PIL import Image
+
+from vlp.data.images import ImagePolicy, open_image
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,7 @@ SKIP_KINDS = (
     "missing_image",
     "corrupt_image",  # zero bytes, undecodable or truncated image data
     "image_too_large",  # more pixels than data.max_image_pixels
+    "animated_image",  # animated or multi-frame (GIF, WebP, APNG, multi-page TIFF)
     "missing_caption",
     "empty_caption",
     "bad_caption_encoding",  # not UTF-8
@@ -61,35 +64,29 @@ class DecodeOptions:
     # JPEGs are decoded at 1/2, 1/4 or 1/8 scale when both sides stay >= this (0 = full size);
     # see vlp.data.transforms.draft_min_side for the value that keeps the training crop's pixels
     draft_min_side: int = 0
+    # EXIF orientation, alpha background (vlp.data.images); max_pixels is max_image_pixels above
+    image_policy: ImagePolicy = dataclasses.field(default_factory=ImagePolicy)
 
 
 def _where(raw: dict) -> str:
     return f"{raw.get('__url__', '?')}#{raw.get('__key__', '?')}"
 
 
-def decode_image(data: bytes, max_pixels: int, min_side: int = 0) -> tuple[Image.Image | None, str]:
-    """Decode to RGB, checking the size from the header before decoding pixels.
+def decode_image(
+    data: bytes, max_pixels: int, min_side: int = 0, policy: ImagePolicy | None = None
+) -> tuple[Image.Image | None, str]:
+    """Decode to RGB under ``policy`` (EXIF orientation, alpha, bit depth: :mod:`vlp.data.images`),
+    checking the size from the header before decoding pixels; ``(None, kind)`` for a bad image.
 
     With ``min_side`` > 0 a JPEG is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale whose
     width and height are both still >= ``min_side`` (libjpeg's scaled inverse DCT: the reduced
     image is made during decoding, several times faster than decoding everything and resizing).
     Other formats, and JPEGs too small to reduce, decode exactly as without it.
     """
-    if not data:
-        return None, "corrupt_image"
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                return None, "image_too_large"
-            if min_side > 0 and im.format == "JPEG":
-                im.draft("RGB", (min_side, min_side))
-            im.load()
-            return (im if im.mode == "RGB" else im.convert("RGB")), ""
-    except Image.DecompressionBombError:
-        return None, "image_too_large"
-    except Exception:
-        return None, "corrupt_image"
+    policy = policy or ImagePolicy()
+    if policy.max_pixels != max_pixels:
+        policy = dataclasses.replace(policy, max_pixels=max_pixels)
+    return open_image(data, policy, min_side)
 
 
 def decode_caption(data) -> tuple[str | None, str]:
@@ -116,7 +113,7 @@ def decode_sample(raw: dict, opts: DecodeOptions, skips: SkipCounter) -> dict | 
     if problem:
         skips.add(problem, _where(raw))
         return None
-    image, problem = decode_image(image_bytes, opts.max_image_pixels, opts.draft_min_side)
+    image, problem = decode_image(image_bytes, opts.max_image_pixels, opts.draft_min_side, opts.image_policy)
     if problem:
         skips.add(problem, _where(raw), f"{len(image_bytes)} bytes")
         return None

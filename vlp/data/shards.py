@@ -1,4 +1,5 @@
-"""Write WebDataset tar shards from the synthetic shapes generator or from a captions file.
+"""Write WebDataset tar shards, here from the synthetic shapes generator; the writer for captions
+files is :mod:`vlp.data.caption_files`, for installed datasets :mod:`vlp.data.sources`.
 
 A folder gets ``{prefix}-NNNNNN.tar`` shards, ``sizes.json`` ({shard basename: samples}) and
 ``_info.json``. Everything is written under a temporary name and renamed into place, so a
@@ -7,20 +8,18 @@ crash never leaves a file that looks complete.
 
 from __future__ import annotations
 
-import csv
+import errno
 import io
 import itertools
 import json
 import logging
 import os
 import re
-import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import webdataset as wds
-from PIL import Image
 from tqdm import tqdm
 
 from vlp.data import synthetic
@@ -30,17 +29,31 @@ logger = logging.getLogger(__name__)
 
 SIZES_FILE = "sizes.json"
 INFO_FILE = "_info.json"
-SKIP_KINDS = ("missing_image", "empty_caption", "unreadable_image", "outside_root", "unsupported_format")
-# PIL format name -> extension stored in the shard (the bytes are copied, not re-encoded).
-IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-CAPTION_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv")
-MAX_SKIP_WARNINGS = 5
 # A fixed member mtime makes synthetic and converted (vlp.data.sources) shards byte-identical across runs.
 FIXED_MTIME = 0
 
 
 class ShardError(ValueError):
     """A fatal problem with the inputs of a shard-writing job (message names file/column)."""
+
+
+# Errors of writing that name no file: disk full, quota, file too large, read-only file system.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def unwritable_output(error: OSError, out_dir: str | os.PathLike) -> str | None:
+    """The one-line message for ``error`` when it came from writing ``out_dir`` (it names that folder,
+    a path inside it or one of its parents, or no file with a disk-full or read-only errno), else
+    None: an input's error keeps its own message."""
+    out = Path(out_dir).expanduser().absolute()
+    names = [Path(os.fsdecode(n)).expanduser().absolute() for n in (error.filename, error.filename2) if n]
+    ours = any(n.is_relative_to(out) or out.is_relative_to(n) for n in names)
+    if not ours and (names or error.errno not in _WRITE_ERRNOS):
+        return None
+    reason = error.strerror or str(error)
+    if names and names[0] != out:
+        reason += f": {error.filename}"
+    return f"cannot write to {out_dir} ({reason}); choose another --out"
 
 
 def atomic_write_json(path: Path, obj: dict) -> None:
@@ -302,184 +315,3 @@ def write_synthetic_shards(
     extra = {k: v for k, v in params.items() if k != "num_samples"}
     extra.update(classnames=synthetic.zeroshot_classnames(), templates=list(synthetic.ZEROSHOT_TEMPLATES))
     return finalize_shards(out, prefix, sizes, {"skipped": dict(skipped), **extra})
-
-
-def _csv_rows(path: Path, delimiter: str, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
-    """(line number, row dict) per CSV data row; ShardError on a missing column or bad line."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        header = reader.fieldnames or []
-        for column in required:
-            if column not in header:
-                raise ShardError(f"{path}: column {column!r} not in the header; columns found: {header}")
-        try:
-            for row in reader:
-                # Cells beyond the header land under the key None; they have no name to keep.
-                yield reader.line_num, {k: v for k, v in row.items() if k is not None}
-        except csv.Error as e:
-            raise ShardError(f"{path}:{reader.line_num}: malformed CSV: {e}") from None
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) per non-blank line; ShardError on malformed JSON or a non-object."""
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ShardError(f"{path}:{lineno}: malformed JSON: {e.msg}") from None
-            if not isinstance(item, dict):
-                raise ShardError(f"{path}:{lineno}: expected a JSON object, got {type(item).__name__}")
-            yield lineno, item
-
-
-def _caption_rows(path: Path, image_key: str, caption_key: str) -> Iterator[tuple[int, dict]]:
-    """Rows of a .jsonl/.json/.csv/.tsv captions file; ShardError on fatal input problems."""
-    if not path.is_file():
-        raise ShardError(f"captions file not found: {path}")
-    ext = path.suffix.lower()
-    if ext not in CAPTION_EXTENSIONS:
-        raise ShardError(f"{path}: unknown captions file extension {ext!r}; expected {CAPTION_EXTENSIONS}")
-    if ext in (".csv", ".tsv"):
-        return _csv_rows(path, "\t" if ext == ".tsv" else ",", (image_key, caption_key))
-    return _jsonl_rows(path)
-
-
-def _resolve_image(value, root: Path, allow_outside_root: bool) -> tuple[Path | None, str | None]:
-    """Resolve an image path against ``root``; returns (path, None) or (None, skip kind)."""
-    if not isinstance(value, str) or not value.strip():
-        return None, "missing_image"
-    path = Path(value.strip()).expanduser()
-    # resolve() follows symlinks, so a link inside root that points outside is caught too.
-    path = (path if path.is_absolute() else root / path).resolve()
-    if not allow_outside_root and not path.is_relative_to(root):
-        return None, "outside_root"
-    if not path.is_file():
-        return None, "missing_image"
-    return path, None
-
-
-def _read_image(path: Path) -> tuple[bytes | None, str]:
-    """Original bytes and shard extension of an image, or (None, skip kind)."""
-    try:
-        data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = im.format
-            im.verify()
-        # verify() does not decode pixel data (truncated JPEGs pass), so decode once too.
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-    # UnidentifiedImageError is an OSError; broken files also raise SyntaxError/ValueError.
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return None, "unreadable_image"
-    if fmt not in IMAGE_FORMATS:
-        return None, "unsupported_format"
-    return data, IMAGE_FORMATS[fmt]
-
-
-def _caption_sample(
-    key: int, row: dict, root: Path, image_key: str, caption_key: str, allow_outside_root: bool
-) -> tuple[dict | None, str | None]:
-    """Encoded sample for one captions row, or (None, skip kind)."""
-    caption = row.get(caption_key)
-    caption = caption.strip() if isinstance(caption, str) else ""
-    if not caption:
-        return None, "empty_caption"
-    path, kind = _resolve_image(row.get(image_key), root, allow_outside_root)
-    if path is None:
-        return None, kind
-    data, ext = _read_image(path)
-    if data is None:
-        return None, ext
-    extra = {k: v for k, v in row.items() if k not in (image_key, caption_key)}
-    sample = {"__key__": f"{key:09d}", ext: data, "txt": caption.encode("utf-8")}
-    sample["json"] = json.dumps(extra, ensure_ascii=False).encode("utf-8")
-    return sample, None
-
-
-def _report_skips(source: Path, total: int, counts: Counter, examples: list[str]) -> dict[str, int]:
-    """Log one warning naming the first skipped rows; return {kind: count} for every kind."""
-    if counts:
-        logger.warning(
-            "skipped %d of %d rows of %s (%s); first: %s",
-            sum(counts.values()), total, source, dict(counts), "; ".join(examples),
-        )  # fmt: skip
-    return {kind: counts.get(kind, 0) for kind in SKIP_KINDS}
-
-
-def _caption_samples(
-    source: Path, root: Path, keys: tuple[str, str], allow_outside_root: bool, progress: bool, stats: dict
-) -> Iterator[dict]:
-    """Encoded samples of every usable row; fills stats["skipped"|"examples"|"formats"]."""
-    image_key, caption_key = keys
-    rows = _caption_rows(source, image_key, caption_key)
-    for key, (lineno, row) in enumerate(
-        tqdm(rows, total=stats["total"], disable=None if progress else True, desc="pack")
-    ):
-        sample, kind = _caption_sample(key, row, root, image_key, caption_key, allow_outside_root)
-        if sample is None:
-            stats["skipped"][kind] += 1
-            if len(stats["examples"]) < MAX_SKIP_WARNINGS:
-                stats["examples"].append(f"line {lineno}: {kind} ({row.get(image_key)!r})")
-            continue
-        stats["formats"][next(k for k in sample if k in IMAGE_FORMATS.values())] += 1
-        yield sample
-
-
-def write_caption_shards(
-    captions_file: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    images_root: str | os.PathLike | None = None,
-    image_key: str = "image",
-    caption_key: str = "caption",
-    max_samples_per_shard: int = 1000,
-    prefix: str = "data",
-    progress: bool = True,
-    allow_outside_root: bool = False,
-) -> dict:
-    """Pack (image, caption) rows of a JSONL/CSV/TSV file into shards, copying image bytes.
-
-    Image paths are relative to ``images_root`` (default: the captions file's folder) or
-    absolute. A sample's key is its 0-based row number; its ``json`` holds the row's other
-    fields. Rows with a missing/blank caption or a missing, unreadable, unsupported (not
-    JPEG/PNG/WebP) or outside-root image are skipped, counted and logged.
-
-    Returns:
-        The _info.json dict: num_samples, num_shards, shards, source="captions",
-        skipped={kind: count}, num_rows, formats={ext: count}, captions_file, images_root,
-        image_key, caption_key, max_samples_per_shard, prefix.
-
-    Raises:
-        ShardError: captions file missing, unknown extension, CSV header lacking a column,
-            malformed JSON/CSV line, or no usable row at all.
-    """
-    source = Path(captions_file).expanduser().resolve()
-    root = Path(images_root).expanduser().resolve() if images_root is not None else source.parent
-    # A first pass validates the whole file (fatal errors stop before anything is written)
-    # and gives the progress bar its total.
-    total = sum(1 for _ in _caption_rows(source, image_key, caption_key))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / INFO_FILE).unlink(missing_ok=True)
-    stats = {"total": total, "skipped": Counter(), "examples": [], "formats": Counter()}
-    samples = _caption_samples(source, root, (image_key, caption_key), allow_outside_root, progress, stats)
-    sizes = write_samples(samples, out, prefix, max_samples_per_shard, int(time.time()))
-    skipped = _report_skips(source, total, stats["skipped"], stats["examples"])
-    if not sizes:
-        raise ShardError(f"{source}: no usable rows out of {total}; skipped: {skipped}")
-    info = {
-        "source": "captions",
-        "skipped": skipped,
-        "num_rows": total,
-        "formats": dict(stats["formats"]),
-        "captions_file": str(source),
-        "images_root": str(root),
-        "image_key": image_key,
-        "caption_key": caption_key,
-        "max_samples_per_shard": int(max_samples_per_shard),
-        "prefix": prefix,
-    }
-    return finalize_shards(out, prefix, sizes, info)

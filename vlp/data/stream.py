@@ -15,11 +15,13 @@ reader's epoch stream)), and a resumed run re-reads exactly those samples from t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import os
 import random
+import signal
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +32,9 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from vlp.data.decode import DecodeOptions, SkipCounter, caption_variant, decode_sample
 from vlp.data.extra_captions import PAIR_GROUP_LIMIT, ExtraCaptionSpec, extra_caption_tensors, pair_id
 from vlp.data.shardlists import reader_shards
+from vlp.data.tokenizer import count_truncated
+from vlp.data.unique_captions import UniqueBatcher, caption_norm  # noqa: F401 - caption_norm: used from here
+from vlp.data.usable import DataStopError, NoUsableDataError, UsableGuard
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +54,27 @@ class StreamSpec:
     infinite: bool = True  # False: one pass over epoch 0, partial last batch kept (evaluation)
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     caption_variants_key: str = ""  # json field of alternative captions, one drawn per epoch ("" = off)
-    unique_captions: bool = False  # no two equal captions in one batch (see _UniqueBatcher)
+    unique_captions: bool = False  # no two equal captions in one batch (see vlp.data.unique_captions)
     extras: ExtraCaptionSpec = field(default_factory=ExtraCaptionSpec)  # hard negatives, counterfactuals
+    max_unusable: int = 10_000  # unusable samples in a row before a reader's first usable one: stop (vlp.data.usable)
 
 
 def _truncated(url: str) -> bool:
     """A complete tar ends in zero blocks and has a size that is a multiple of 512 bytes.
 
     Python's tarfile treats a file cut at a header boundary as a shorter valid archive, so a
-    truncated local shard is detected here; for remote urls only read errors are seen.
+    truncated local shard is detected here; for remote urls only read errors are seen. A gzip
+    file (``.tar.gz``, ``.tgz``, recognised by its magic bytes) is not checked here: its own
+    trailer (length and CRC) makes a cut stream fail while it is read, and the tar reader counts that.
     """
     if "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
         return False
     size = os.path.getsize(url)
-    if size < 1024 or size % 512:
-        return True
     with open(url, "rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            return False
+        if size < 1024 or size % 512:
+            return True
         f.seek(size - 1024)
         return f.read(1024).count(0) != 1024
 
@@ -90,11 +100,27 @@ def _shard_samples(url: str, skips: SkipCounter) -> Iterator[dict]:
     except Exception as exn:  # noqa: BLE001 - any failure of a shard is data, not a bug
         skips.add("shard_error", url, repr(exn))
         return
+    finished = False
     try:
         yield from tar_samples(stream, url, on_damage)
+        finished = True
     except OSError as exn:  # a read error of the file or pipe
         skips.add("shard_error", url, repr(exn))
     finally:
+        if finished:
+            stream.close()
+        else:
+            _abandon(stream)
+
+
+def _abandon(stream) -> None:
+    """Close a shard left before its end (a stop signal, an error, a closed loader) without waiting:
+    a ``pipe:`` command still running (a download, a stalled read) is killed, not awaited (webdataset's
+    close would wait for it, for hours if it hangs)."""
+    proc = getattr(stream, "proc", None)
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+    with contextlib.suppress(Exception):  # the killed command's exit status, or a stream already broken
         stream.close()
 
 
@@ -132,11 +158,24 @@ def pair_units(raw: Iterator[dict]) -> Iterator[list[dict]]:
 
 
 class _SourceReader:
-    """Raw samples of one source for one reader, epoch after epoch, from a replayable position."""
+    """Raw samples of one source for one reader, epoch after epoch, from a replayable position.
 
-    def __init__(self, urls, spec: StreamSpec, reader: int, readers: int, skips, epoch=0, consumed=0):
+    ``guard`` (:class:`vlp.data.usable.UsableGuard`, training streams) hears of shards that give no
+    sample and of finished epochs, as source ``source``."""
+
+    def __init__(self, urls, spec: StreamSpec, reader: int, readers: int, skips, epoch=0, consumed=0, guard=None,
+                 source=0):  # fmt: skip
         self.urls, self.spec, self.reader, self.readers, self.skips = urls, spec, reader, readers, skips
         self.epoch, self.consumed = epoch, consumed
+        self.guard, self.source = guard, source
+        self._shards: list[str] = []
+
+    def _read(self, url: str) -> Iterator[dict]:
+        n = 0
+        for n, sample in enumerate(_shard_samples(url, self.skips), 1):  # noqa: B007 - n counts after the loop
+            yield sample
+        if n == 0 and self.guard is not None:
+            self.guard.empty_shard(url)
 
     def _epoch_samples(self, epoch: int) -> Iterator[dict]:
         spec = self.spec
@@ -149,7 +188,8 @@ class _SourceReader:
             resampled=spec.resampled,
             shuffle=spec.infinite,
         )
-        raw = (s for url in shards for s in _shard_samples(url, self.skips))
+        self._shards = shards
+        raw = (s for url in shards for s in self._read(url))
         # pairs: units of a pair or group, stamped even when not shuffled; otherwise plain samples
         items = pair_units(raw) if spec.extras.pairs else raw
         if spec.shuffle_buffer > 1 and spec.infinite:
@@ -162,20 +202,16 @@ class _SourceReader:
     def __iter__(self):
         epoch, skip = self.epoch, self.consumed
         while True:
-            seen = 0
             for i, raw in enumerate(self._epoch_samples(epoch)):
-                seen += 1
                 if i < skip:
                     continue  # replaying to the resume position: no decode
                 self.epoch, self.consumed = epoch, i + 1
                 yield raw
             if not self.spec.infinite:
                 return
-            if seen == 0:
-                raise RuntimeError(
-                    f"reader {self.reader} read no samples in a whole epoch of {len(self.urls)} shard(s) "
-                    f"(first: {self.urls[0]}); every shard it was given is empty or unreadable"
-                )
+            # every sample of the epoch has been taken (and decoded) before the next one is asked for
+            if self.guard is not None:
+                self.guard.epoch_done(self.source, self._shards, full=skip == 0)
             epoch, skip = epoch + 1, 0
             self.epoch, self.consumed = epoch, 0
 
@@ -208,67 +244,6 @@ class _Mixer:
         return {"sources": [(s.epoch, s.consumed) for s in self.sources], "draws": self.draws}
 
 
-def caption_norm(text: str) -> str:
-    """The form in which two captions count as equal: lower case, whitespace collapsed."""
-    return " ".join(text.lower().split())
-
-
-class _UniqueBatcher:
-    """Fills batches whose captions are distinct, deferring a repeated caption to a later batch.
-
-    Identical captions in one batch are false negatives for the contrastive loss. A deferred sample
-    waits, decoded but not augmented, in ``pending`` and goes into the next batch with room for it,
-    before any new sample. At most ``batch_size`` wait: beyond that the oldest is dropped and counted
-    as ``duplicate_caption``, so data made mostly of one caption cannot hold unbounded memory.
-    """
-
-    def __init__(self, batch_size: int, skips: SkipCounter, pending: list[dict], watch: list[_SourceReader]):
-        self.batch_size, self.skips, self.pending, self.watch = batch_size, skips, pending, watch
-        self._start: list[int] = []
-
-    def fill(self, samples: Iterator[dict], transform: Callable) -> list[dict]:
-        """Up to ``batch_size`` transformed samples; fewer only when ``samples`` is exhausted and
-        every sample still pending repeats a caption of this batch."""
-        batch, captions = [], set()
-
-        def place(sample) -> bool:
-            keys = sample["_caption_keys"]
-            if not captions.isdisjoint(keys):
-                return False
-            captions.update(keys)
-            batch.append(transform(sample))  # augmented here, so with this batch's random seed
-            return True
-
-        waiting, self.pending = self.pending, []
-        for sample in waiting:
-            if len(batch) == self.batch_size or not place(sample):
-                self.pending.append(sample)
-        self._start = [r.epoch for r in self.watch]
-        while len(batch) < self.batch_size:
-            sample = next(samples, None)
-            if sample is None:
-                break
-            if not place(sample):
-                self._defer(sample)
-        return batch
-
-    def _defer(self, sample: dict) -> None:
-        self.pending.append(sample)
-        if len(self.pending) <= self.batch_size:
-            return
-        dropped = self.pending.pop(0)
-        self.skips.add("duplicate_caption", dropped["__key__"], dropped["text"])
-        if all(r.epoch >= e + 2 for r, e in zip(self.watch, self._start)):
-            # a whole epoch went by without completing this batch: it never will
-            raise RuntimeError(
-                f"data.unique_captions: a whole epoch of reader {self.watch[0].reader} holds fewer than "
-                f"{self.batch_size} distinct captions; lower data.batch_size or turn unique_captions off"
-            )
-
-    def state(self) -> dict:
-        return {"pending": [s["_origin"] for s in self.pending]}
-
-
 class ShardStream(IterableDataset):
     """Batches of ``{"image": Bx3xHxW, "text": BxL, "caption": [str], "json": [dict], ...}``
     (``image``: what ``transform`` returns, stacked: uint8 for training, see vlp.data.transforms;
@@ -289,18 +264,33 @@ class ShardStream(IterableDataset):
         reader, readers = self.spec.rank * workers + slot, self.spec.world * workers
         state = self.start.get(slot) or {"sources": [(0, 0)] * len(self.spec.sources), "draws": 0, "batches": 0}
         skips = SkipCounter()
+        guard = self._guard(reader, skips) if self.spec.infinite else None
         readers_ = [
-            _SourceReader(urls, self.spec, reader, readers, skips, *state["sources"][i])
+            _SourceReader(urls, self.spec, reader, readers, skips, *state["sources"][i], guard=guard, source=i)
             for i, urls in enumerate(self.spec.sources)
         ]
         mixer = _Mixer(readers_, self.spec.weights, self.spec.seed, reader, state["draws"])
+        try:
+            yield from self._batches(state, slot, reader, readers_, mixer, skips, guard)
+        except DataStopError as e:  # to the training process as data, so that it stops with this one line
+            yield {"_fatal": (type(e).__name__, str(e)), "_slot": slot, "_skipped": skips.drain()}
+
+    def _guard(self, reader: int, skips: SkipCounter) -> UsableGuard:
+        d = self.spec.decode
+        hint = (
+            f"check data.image_keys {list(d.image_keys)} and data.text_key '{d.text_key}' against the members, "
+            "or the images and captions themselves"
+        )
+        return UsableGuard(reader, self.spec.sources, skips, self.spec.max_unusable, hint)
+
+    def _batches(self, state, slot, reader, readers_, mixer, skips, guard):
         batcher = None
         if self.spec.unique_captions:
             watch = [r for r, w in zip(readers_, mixer.weights) if w > 0] or readers_
             pending = self._reread(readers_, state.get("pending", []))
-            batcher = _UniqueBatcher(self.spec.batch_size, skips, pending, watch)
+            batcher = UniqueBatcher(self.spec.batch_size, skips, pending, watch)
         batches = state["batches"]
-        samples = self._samples(mixer, readers_, skips)
+        samples = self._samples(mixer, readers_, skips, guard)
         while True:
             # augmentation randomness is a function of (seed, reader, batch index): exact on resume,
             # and isolated from the training process's RNG when loading in-process
@@ -320,10 +310,12 @@ class ShardStream(IterableDataset):
             if len(batch) < self.spec.batch_size and not (batcher and batcher.pending):
                 return
 
-    def _samples(self, mixer, readers, skips):
+    def _samples(self, mixer, readers, skips, guard=None):
         for i, raw in mixer:
             # the reader has just counted this sample: its position is one before its count
             sample = self._decode(raw, (i, readers[i].epoch, readers[i].consumed - 1), skips)
+            if guard is not None:
+                guard.unusable(raw) if sample is None else guard.usable()
             if sample is not None:
                 yield sample
 
@@ -377,13 +369,14 @@ class ShardStream(IterableDataset):
         # default_collate stacks straight into shared memory in a worker: no copy on the way to the main process
         images = default_collate([s["image"] for s in samples]) if samples else torch.empty(0, dtype=torch.uint8)
         extras = self.spec.extras
+        text = self.tokenizer(captions) if samples else torch.empty(0, dtype=torch.long)
         extra = extra_caption_tensors(samples, self.tokenizer, extras) if extras.active else {}
         if extras.sources:
             extra["_neg_sources"], extras.sources = dict(extras.sources), type(extras.sources)()
         return {
             **extra,
             "image": images,
-            "text": self.tokenizer(captions) if samples else torch.empty(0, dtype=torch.long),
+            "text": text,
             "caption": captions,
             "json": [s["json"] for s in samples],
             "__key__": [s["__key__"] for s in samples],
@@ -391,11 +384,15 @@ class ShardStream(IterableDataset):
             "_slot": slot,
             "_state": state,
             "_skipped": skipped,
+            "_truncated": count_truncated(self.tokenizer, captions, text) if samples else 0,
         }
 
 
 def _worker_init(_):
     torch.set_num_threads(1)  # workers decode; the training process owns the cores' BLAS threads
+    # Ctrl-C reaches the whole process group: the training process decides (finish the step,
+    # checkpoint, stop its workers); a worker that died of it would fail the run instead
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class StreamLoader:
@@ -414,6 +411,7 @@ class StreamLoader:
         self.slots: dict[int, dict] = {}
         self.next_slot = 0
         self.skipped: Counter = Counter()
+        self.truncated_captions = 0  # captions longer than the context, cut by the tokenizer
         self.negative_sources: Counter = Counter()  # hard negatives by origin: shard, online, fallback
         if state:
             self._restore(state, nslots)
@@ -431,6 +429,7 @@ class StreamLoader:
 
     def _restore(self, state: dict, nslots: int) -> None:
         self.skipped.update(state.get("skipped", {}))
+        self.truncated_captions = int(state.get("truncated_captions", 0))
         if state.get("workers") == nslots and state.get("world") == self.spec.world:
             self.slots = {int(k): v for k, v in state["slots"].items()}
             self.next_slot = int(state["next_slot"])
@@ -455,6 +454,11 @@ class StreamLoader:
             raise RuntimeError("this StreamLoader was closed")
         self.slots, self.next_slot = dict(self._built_at[0]), self._built_at[1]
         for batch in self._loader:
+            if "_fatal" in batch:  # a reader cannot go on (vlp.data.usable): stop here, with its message
+                self.skipped.update(batch["_skipped"])
+                kind, message = batch["_fatal"]
+                raise (NoUsableDataError if kind == "NoUsableDataError" else DataStopError)(message)
+            self.truncated_captions += batch.pop("_truncated")
             self.slots[batch.pop("_slot")] = batch.pop("_state")
             self.next_slot = (self.next_slot + 1) % nslots
             self.skipped.update(batch.pop("_skipped"))
@@ -478,4 +482,5 @@ class StreamLoader:
             "next_slot": self.next_slot,
             "slots": {str(k): v for k, v in self.slots.items()},
             "skipped": dict(self.skipped),
+            "truncated_captions": self.truncated_captions,
         }

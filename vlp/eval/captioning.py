@@ -93,6 +93,7 @@ def caption_image_list(
     batch_size: int = 32,
     workers: int = 0,
     desc: str = "captions",
+    policy=None,
     **generate_kw,
 ) -> tuple[dict[int, str], list[tuple[int, str]]]:
     """Caption ``images`` (paths or encoded bytes), sharded over ranks as feature extraction is:
@@ -106,7 +107,7 @@ def caption_image_list(
     from vlp.models.generate import caption_images, check_captioner
 
     check_captioner(model)
-    dataset = ImageList(images, preprocess)
+    dataset = ImageList(images, preprocess, policy=policy)  # policy: vlp.data.images.ImagePolicy
     mine = Subset(dataset, range(env.rank, len(images), env.world))
     loader = DataLoader(mine, batch_size=batch_size, num_workers=workers, collate_fn=ImageList.collate)
     captions, failed = {}, []

@@ -20,7 +20,9 @@ import torch
 from torch.utils.data import Dataset
 
 from vlp.data.decode import SkipCounter, decode_caption, decode_image
+from vlp.data.images import ImagePolicy
 from vlp.data.shardlists import DataConfigError, expand_urls
+from vlp.data.textfiles import read_text, text_lines
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")  # shard members tried, in order, for the image
 IMAGE_EXTENSIONS = tuple(f".{k}" for k in IMAGE_KEYS)
@@ -57,12 +59,21 @@ class EvalData:
 
 class ImageList(Dataset):
     """``images`` (paths or bytes) -> items ``(i, preprocess(image), "")`` or ``(i, None, kind)``,
-    kind: missing_image, unreadable_image, corrupt_image or image_too_large (> ``max_pixels``).
-    Failures travel in the items, not in a counter here, because DataLoader workers hold copies.
+    kind: missing_image, unreadable_image, corrupt_image, animated_image or image_too_large
+    (> ``max_pixels``). Images become RGB under ``policy`` (EXIF orientation, alpha, bit depth:
+    :mod:`vlp.data.images`), as in training. Failures travel in the items, not in a counter here,
+    because DataLoader workers hold copies.
     """
 
-    def __init__(self, images: Sequence[str | bytes], preprocess: Callable, max_pixels: int = MAX_IMAGE_PIXELS):
+    def __init__(
+        self,
+        images: Sequence[str | bytes],
+        preprocess: Callable,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+        policy: ImagePolicy | None = None,
+    ):
         self.images, self.preprocess, self.max_pixels = images, preprocess, max_pixels
+        self.policy = policy or ImagePolicy()
 
     def __len__(self) -> int:
         return len(self.images)
@@ -76,7 +87,7 @@ class ImageList(Dataset):
                 return i, None, "missing_image"
             except OSError:  # a directory, no permission, an I/O error
                 return i, None, "unreadable_image"
-        image, kind = decode_image(bytes(data), self.max_pixels)
+        image, kind = decode_image(bytes(data), self.max_pixels, policy=self.policy)
         return (i, None, kind) if image is None else (i, self.preprocess(image), "")
 
     @staticmethod
@@ -99,12 +110,13 @@ def find_number(caption: str, count: int) -> tuple[int, int] | None:
 
 
 def _read_lines(path: Path, what: str) -> list[tuple[int, str]]:
-    """(line number, stripped text) of the non-blank lines; EvalDataError if none or no file."""
+    """(line number, stripped text) of the non-blank lines; EvalDataError if none, no file or a
+    byte that is not UTF-8 (naming the line; :mod:`vlp.data.textfiles`)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        rows = [(n, s) for n, line in enumerate(text_lines(path, error=EvalDataError), 1) if (s := line.strip())]
     except OSError as e:
         raise EvalDataError(f"cannot read the {what} file {path}: {e.strerror or e}") from None
-    if not (rows := [(n, s) for n, line in enumerate(text.splitlines(), 1) if (s := line.strip())]):
+    if not rows:
         raise EvalDataError(f"{path}: no {what} in the file")
     return rows
 
@@ -202,8 +214,9 @@ def _shard_rows(urls: list[str], skips: SkipCounter, convert: Callable[[dict, di
 def _classification_shards(path: PathSpec, urls: list[str], classnames, templates) -> EvalData:
     """Shards of ``path`` (expanded to ``urls``) -> EvalData; see :func:`load_classification`."""
     info_file = Path(urls[0]).parent / "_info.json"  # written by `vlp shards`
+    text = read_text(info_file, error=EvalDataError) if info_file.is_file() else "{}"
     try:
-        info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
+        info = json.loads(text)
     except ValueError:
         raise EvalDataError(f"{info_file}: malformed JSON") from None
     classnames, templates = classnames or info.get("classnames"), templates or info.get("templates")
@@ -303,20 +316,20 @@ def load_linear_probe(path: str | os.PathLike) -> EvalData:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    """("file:line", object) per non-blank line; EvalDataError on a missing file or bad JSON."""
+    """("file:line", object) per non-blank line; EvalDataError on a missing file, bad JSON or a
+    byte that is not UTF-8."""
     if not path.is_file():
         raise EvalDataError(f"{path}: not found")
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            except ValueError as e:
-                raise EvalDataError(f"{path}:{lineno}: malformed JSON line: {e}") from None
-            yield f"{path}:{lineno}", row
+    for lineno, line in enumerate(text_lines(path, error=EvalDataError), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        except ValueError as e:
+            raise EvalDataError(f"{path}:{lineno}: malformed JSON line: {e}") from None
+        yield f"{path}:{lineno}", row
 
 
 def _get(row: dict, key: str, kind: type, where: str, alt: str = ""):
@@ -372,8 +385,12 @@ def load_retrieval(path: PathSpec) -> EvalData:
 def _sugarcrepe_rows(path: Path, images_root: Path) -> Iterator[Row]:
     """Rows of SugarCrepe's ``{id: {"filename", "caption", "negative_caption"}}``; type = stem."""
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        text = read_text(path, error=EvalDataError)
+    except OSError as e:
+        raise EvalDataError(f"{path}: cannot read SugarCrepe JSON: {e}") from None
+    try:
+        entries = json.loads(text)
+    except ValueError as e:
         raise EvalDataError(f"{path}: cannot read SugarCrepe JSON: {e}") from None
     if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
         raise EvalDataError(f"{path}: expected SugarCrepe's {{id: {{filename, caption, negative_caption}}}}")

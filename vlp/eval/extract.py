@@ -59,12 +59,15 @@ class _DeviceRows:
 
 
 @torch.no_grad()
-def image_features(model, images: list, preprocess, env: DistEnv, *, batch_size=256, workers=0, desc="images"):
-    """Encode ``images`` (paths or bytes). Returns ``(features N x D, kept indices, skipped kinds)``;
-    rows of unreadable images are zero and absent from ``kept``."""
+def image_features(
+    model, images: list, preprocess, env: DistEnv, *, batch_size=256, workers=0, desc="images", policy=None
+):
+    """Encode ``images`` (paths or bytes), made RGB under ``policy`` (:class:`vlp.data.images.ImagePolicy`,
+    default: EXIF orientation applied, alpha over white). Returns ``(features N x D, kept indices,
+    skipped kinds)``; rows of unreadable images are zero and absent from ``kept``."""
     from vlp.eval.datasets import ImageList
 
-    dataset = ImageList(images, preprocess)
+    dataset = ImageList(images, preprocess, policy=policy)
     mine = Subset(dataset, range(env.rank, len(images), env.world))
     cuda = env.device.type == "cuda"
     loader = DataLoader(mine, batch_size=batch_size, num_workers=workers, collate_fn=ImageList.collate, pin_memory=cuda)

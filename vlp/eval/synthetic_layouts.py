@@ -138,6 +138,23 @@ def accepted_scenes(seed: int, start: int, num: int, build: Callable, desc: str,
         raise ValueError(f"{desc}: only {made} usable scenes in {INDEX_BLOCK} indices; lower num_images")
 
 
+def layout_summary(out_dir: str | os.PathLike, num_images: int) -> str:
+    """One line saying what :func:`export_eval_layouts` writes for ``num_images``, to print first."""
+    return (
+        f"writing the eval layouts ({', '.join(LAYOUT_DIRS.values())}) to {out_dir}: {len(SCENE_BLOCKS) * num_images} "
+        f"scenes, {num_images} per layout plus {num_images} swap_size scenes for compositional (--num-samples sets "
+        "the number; 10000 take minutes)"
+    )
+
+
+def _ticking(items: Iterator, bar: tqdm, name: str) -> Iterator:
+    """``items``, advancing ``bar`` by one for each and showing ``name`` beside it."""
+    bar.set_postfix_str(name, refresh=False)
+    for item in items:
+        bar.update(1)
+        yield item
+
+
 def _write_text(path: Path, text: str) -> None:
     """Write via a temporary sibling and rename, so a crash never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -278,13 +295,16 @@ def export_eval_layouts(
         ("counting", "counting", _count_in_range, True, _counting_rows),
     )
     rows: dict[str, list[dict]] = {}
-    for block, layout, build, single_group, make_rows in plan:
-        kwargs = {"image_size": image_size, "single_group": single_group}
-        scenes = accepted_scenes(seed, layout_start(block, start_index), num_images, build, block, progress, **kwargs)
-        if make_rows is None:
-            _classification(out, scenes)
-        else:
-            rows.setdefault(layout, []).extend(_rows(out, layout, scenes, make_rows))
+    # one bar for the whole export (minutes at the CLI's 10,000 scenes per layout), the block as its postfix
+    with tqdm(total=len(plan) * num_images, desc="eval layouts", unit="img", disable=None if progress else True) as bar:
+        for block, layout, build, single_group, make_rows in plan:
+            kwargs = {"image_size": image_size, "single_group": single_group}
+            scenes = accepted_scenes(seed, layout_start(block, start_index), num_images, build, block, False, **kwargs)
+            scenes = _ticking(scenes, bar, block)
+            if make_rows is None:
+                _classification(out, scenes)
+            else:
+                rows.setdefault(layout, []).extend(_rows(out, layout, scenes, make_rows))
     for layout, layout_rows in rows.items():
         _write_jsonl(out / f"{LAYOUT_DIRS[layout]}.jsonl", layout_rows)
     _write_text(out / LAYOUTS_FILE, json.dumps({"params": params, "layouts": LAYOUT_DIRS}, indent=2) + "\n")

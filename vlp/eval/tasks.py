@@ -41,6 +41,7 @@ class EvalContext:
     workers: int = 0
     templates: list = field(default_factory=list)
     plots_dir: Path | None = None
+    image_policy: object = None  # vlp.data.images.ImagePolicy; None = its defaults
 
 
 def register(name: str):
@@ -64,7 +65,13 @@ def get_task(name: str) -> Callable:
 
 def _images(model, data, ctx):
     feats, kept, skipped = image_features(
-        model, data.images, ctx.preprocess, ctx.env, batch_size=ctx.batch_size, workers=ctx.workers
+        model,
+        data.images,
+        ctx.preprocess,
+        ctx.env,
+        batch_size=ctx.batch_size,
+        workers=ctx.workers,
+        policy=ctx.image_policy,
     )
     for kind, n in skipped.items():
         data.skipped[kind] = data.skipped.get(kind, 0) + n
@@ -77,7 +84,14 @@ def captioning(model, tokenizer, data, ctx: EvalContext) -> dict:
     from vlp.eval.captioning import evaluate_captioning
 
     return evaluate_captioning(
-        model, tokenizer, data, ctx.preprocess, ctx.env, batch_size=ctx.batch_size, workers=ctx.workers
+        model,
+        tokenizer,
+        data,
+        ctx.preprocess,
+        ctx.env,
+        batch_size=ctx.batch_size,
+        workers=ctx.workers,
+        policy=ctx.image_policy,
     )
 
 

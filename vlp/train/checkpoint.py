@@ -1,5 +1,10 @@
 """Step checkpoints: written atomically, the newest N kept, a ``latest`` pointer updated last.
 
+Retention deletes only checkpoints of earlier steps than the one just written (never that one,
+never a later one), and only after ``latest`` names the new file, so ``latest`` always names a
+complete checkpoint. Whose checkpoints a folder holds is settled before training starts
+(:mod:`vlp.train.run_folder`).
+
 A checkpoint file is either complete or absent: it is written to a temporary name, flushed to
 disk (fsync) and renamed; a SHA-256 of its bytes is written beside it (``step_N.pt.sha256``). A
 checkpoint that fails to load (truncated, corrupt, checksum mismatch) is reported and the previous
@@ -11,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import re
 import shutil
 from pathlib import Path
@@ -18,6 +24,7 @@ from pathlib import Path
 import torch
 
 from vlp.models.loading import CheckpointError, read_file
+from vlp.train.run_folder import older_to_delete
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +121,15 @@ class Checkpointer:
         # the checksum lets a load tell a damaged file (bit rot, a partial copy) from a good one
         atomic_write_bytes(self._sum_path(path), lambda f: f.write(digest["sha256"].encode()))
         atomic_write_bytes(self.folder / "latest", lambda f: f.write(path.name.encode()))
-        self._prune()
+        self._prune(step)
         return path
 
     @staticmethod
     def _sum_path(path: Path) -> Path:
         return path.with_name(path.name + ".sha256")
 
-    def _prune(self) -> None:
-        for old in self.list()[: -self.keep]:
+    def _prune(self, step: int) -> None:
+        for old in older_to_delete(self.list(), step, self.keep):
             old.unlink(missing_ok=True)
             self._sum_path(old).unlink(missing_ok=True)
 
@@ -163,3 +170,18 @@ class Checkpointer:
             except CheckpointError as e:
                 log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, e)
         return None
+
+
+def rng_states(device) -> dict:
+    """This process's random generators (Python, torch CPU, the CUDA device's), for a checkpoint."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_states(state: dict, device) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -6,6 +6,7 @@ import logging
 
 from vlp.data.decode import DecodeOptions
 from vlp.data.extra_captions import ExtraCaptionSpec
+from vlp.data.images import ImagePolicy
 from vlp.data.shardlists import DataConfigError, check_readers, expand_urls, read_sizes
 from vlp.data.stream import StreamLoader, StreamSpec
 from vlp.data.tokenizer import get_tokenizer
@@ -41,8 +42,19 @@ def resolve_total_steps(cfg, world: int) -> int:
     return max(1, round(cfg.train.epochs * n / global_batch))
 
 
+def image_policy(data_cfg) -> ImagePolicy:
+    """How ``data_cfg`` turns every image into RGB (EXIF orientation, alpha background, size guard)."""
+    return ImagePolicy.from_options(data_cfg.exif_transpose, data_cfg.alpha_background, data_cfg.max_image_pixels)
+
+
 def decode_options(data_cfg, draft_min_side: int = 0) -> DecodeOptions:
-    return DecodeOptions(tuple(data_cfg.image_keys), data_cfg.text_key, data_cfg.max_image_pixels, draft_min_side)
+    return DecodeOptions(
+        tuple(data_cfg.image_keys),
+        data_cfg.text_key,
+        data_cfg.max_image_pixels,
+        draft_min_side,
+        image_policy=image_policy(data_cfg),
+    )
 
 
 def build_train_loader(cfg, model, env, state=None) -> StreamLoader:
@@ -64,6 +76,7 @@ def build_train_loader(cfg, model, env, state=None) -> StreamLoader:
         decode=decode_options(d, draft_min_side(size, d.train_crop_scale) if d.jpeg_draft else 0),
         caption_variants_key=d.caption_variants_key,
         unique_captions=d.unique_captions,
+        max_unusable=d.max_unusable_samples,
         extras=ExtraCaptionSpec(
             negatives_k=d.negatives.k,
             negatives_field=d.negatives.field,

@@ -29,6 +29,7 @@ import torch
 from vlp.config import Config, ConfigError
 from vlp.models.loading import CheckpointError
 from vlp.train.checkpoint import atomic_write_bytes
+from vlp.train.run_folder import older_to_delete
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ class DeepSpeedCheckpointer:
             marker = {"step": step, "files": files, "zero_stage": zero_stage(self.engine)}
             atomic_write_bytes(path / MARKER, lambda f: f.write(json.dumps(marker).encode()))
             atomic_write_bytes(self.folder / "latest", lambda f: f.write(path.name.encode()))
-            for old in _tags(self.folder)[: -self.keep]:
+            for old in older_to_delete(_tags(self.folder), step, self.keep):
                 shutil.rmtree(old, ignore_errors=True)
         self.barrier()
         return path

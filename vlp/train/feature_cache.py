@@ -31,7 +31,7 @@ from vlp.data.decode import SkipCounter, caption_variants, decode_caption
 from vlp.data.stream import _shard_samples, caption_norm
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # bump when the encoding of cached features changes
+CACHE_VERSION = 3  # bump when the encoding of cached features changes
 
 
 class TrunkEncoder:
@@ -175,8 +175,18 @@ def build_feature_cache(model, urls, preprocess, tokenizer, env, *, cache_file: 
     model.eval()
     if env.is_main:
         print(f"vlp: encoding {len(images)} {desc} images with the frozen image trunk (once)", flush=True)
+    from vlp.train.data import image_policy
+
+    policy = image_policy(data_cfg)
     img, kept, failed = image_features(
-        encoder, images, preprocess, env, batch_size=batch_size, workers=data_cfg.workers, desc=f"{desc} images"
+        encoder,
+        images,
+        preprocess,
+        env,
+        batch_size=batch_size,
+        workers=data_cfg.workers,
+        desc=f"{desc} images",
+        policy=policy,
     )
     flat = [c for i in kept for c in captions[i]]
     # encoded shortest first, so each batch is cut to a similar length (see TrunkEncoder.encode_text)

@@ -5,6 +5,11 @@
   :data:`EXIT_PREEMPTED`, so a launcher with restarts (``torchrun --max-restarts``, the
   ``launch/`` scripts, which always pass ``--resume latest``) continues from it. A second signal
   while the checkpoint is being written is ignored: that write is the point of the first.
+  While a single-process run waits for data (:meth:`StopSignals.interruptible`), a signal
+  interrupts the wait at once with :class:`StopRequested`: no step is in progress, so the last
+  finished step is checkpointed without waiting for a batch that may be slow, or never come. (In
+  a multi-process run the other ranks may be inside a step that needs this rank, so the signal is
+  acted on after the step, on every rank together.)
 - A step whose loss or gradient norm is not finite is skipped (no optimizer update) and counted;
   ``train.max_bad_steps`` consecutive bad steps stop the run with :class:`DivergedError`, which
   names the step and the last good checkpoint. Checking costs one host-device sync per step;
@@ -13,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -26,6 +32,10 @@ class DivergedError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
+class StopRequested(BaseException):  # noqa: N818 - like KeyboardInterrupt, not caught by `except Exception`
+    """A stop signal arrived while the trainer was waiting for data (see StopSignals.interruptible)."""
+
+
 class StopSignals:
     """Records SIGTERM / SIGINT instead of dying mid-step (main thread only; a no-op elsewhere)."""
 
@@ -34,10 +44,26 @@ class StopSignals:
     def __init__(self):
         self.received: int | None = None
         self._previous: dict = {}
+        self._waiting = False
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
             self.received = signum
+        if self._waiting:
+            self._waiting = False
+            raise StopRequested(signum)
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """Within this block a stop signal raises :class:`StopRequested` at once (also when one
+        arrived before the block was entered)."""
+        if self.received is not None:
+            raise StopRequested(self.received)
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
 
     def install(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():

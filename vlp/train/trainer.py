@@ -15,7 +15,6 @@ import torch
 
 import vlp
 from vlp.config import Config, ConfigError, save_config
-from vlp.data.decode import SKIP_KINDS
 from vlp.data.tokenizer import get_tokenizer
 from vlp.data.transforms import DeviceNormalize, eval_transform
 from vlp.losses import Objective
@@ -23,11 +22,12 @@ from vlp.models.extras import ExtraTexts
 from vlp.models.loading import CHECKPOINT_FORMAT, CheckpointError, load_state_dict_checked
 from vlp.models.registry import build_model, image_size
 from vlp.models.towers import trainable_count
-from vlp.train import backends
-from vlp.train.checkpoint import Checkpointer
-from vlp.train.data import build_train_loader, resolve_total_steps
+from vlp.train import backends, run_folder
+from vlp.train.checkpoint import Checkpointer, rng_states, set_rng_states
+from vlp.train.data import build_train_loader, image_policy, resolve_total_steps
+from vlp.train.data_counts import DataCounts
 from vlp.train.feature_cache import CachedBatches, CachedHeads, build_feature_cache, cache_supported, fingerprint
-from vlp.train.guards import NonFiniteGuard, StopSignals
+from vlp.train.guards import NonFiniteGuard, StopRequested, StopSignals
 from vlp.train.logging import MetricsLogger
 from vlp.train.optim import build_optimizer, build_scheduler
 from vlp.train.step import forward_backward
@@ -85,9 +85,7 @@ class Trainer:
         self.step = 0
         self.guard = NonFiniteGuard(t.max_bad_steps)
         self.signals = StopSignals()
-        self.skipped: Counter = Counter()
-        self.paired = [0, 0]  # loss.pair_weight: this rank's rows with a partner, and all rows
-        self.warned_unpaired = False
+        self.data_counts = DataCounts(self.env, cfg.loss.pair_weight, self.cached)
         self.eval_results: list[dict] = []
         self.last_eval_step = -1
         self.last_checkpoint: Path | None = None
@@ -170,7 +168,8 @@ class Trainer:
         from vlp.models.towers import open_clip_config
 
         urls = [u for pattern in patterns for u in expand_urls(pattern)]
-        key = fingerprint(urls, open_clip_config(self.cfg.model), repr(self.eval_preprocess), variants_key)
+        preprocess = f"{self.eval_preprocess!r} {image_policy(self.cfg.data)!r}"
+        key = fingerprint(urls, open_clip_config(self.cfg.model), preprocess, variants_key)
         return build_feature_cache(
             self.model,
             urls,
@@ -203,22 +202,26 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
     def train(self) -> dict:
+        t = self.cfg.train
+        run_folder.claim(self.out_dir, t.resume, t.overwrite, self.env.is_main)  # never over another run's files
         self._check_output_space()
         data_state = self.maybe_resume()
         self.loader = self._build_loader(data_state)
         self._prepare_output()  # only once every check has passed: a rejected start leaves the run as it was
-        self.logger = MetricsLogger(
-            self.out_dir, self.env.is_main, self.total_steps, self.cfg.train.progress, start_step=self.step
-        )
+        self.logger = MetricsLogger(self.out_dir, self.env.is_main, self.total_steps, t.progress, start_step=self.step)
         batches = iter(self.loader)
         t0, seen = time.perf_counter(), 0
         self.signals.install()  # SIGTERM / SIGINT: finish the step, checkpoint, exit (guards.py)
         try:
             while self.step < self.total_steps:
-                micro = [next(batches) for _ in range(self.cfg.train.accum_steps)]
+                before = self.loader.state_dict() if t.accum_steps > 1 else None
+                try:
+                    micro = self._next_batches(batches)
+                except StopRequested:  # while waiting for data: no step in progress (guards.py)
+                    return self.preempted(data_state=before)
                 loss, terms, updated = self.train_step(micro)
                 seen += sum(len(b["caption"]) for b in micro)
-                self._count_pairs(micro)
+                self.data_counts.count_pairs(micro)
                 if updated:  # a skipped (non-finite) step is not a step: the next batch takes its place
                     self.step += 1
                     if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
@@ -235,17 +238,27 @@ class Trainer:
             self.signals.restore()
         return self.finish()
 
-    def preempted(self) -> dict:
-        """A stop signal: checkpoint the last finished step (unless just written) and report."""
+    def _next_batches(self, batches) -> list[dict]:
+        """The next step's micro-batches. A single-process run can be stopped while it waits."""
+        wait = self.signals.interruptible() if self.env.world == 1 else contextlib.nullcontext()
+        with wait:
+            return [next(batches) for _ in range(self.cfg.train.accum_steps)]
+
+    def preempted(self, data_state: dict | None = None) -> dict:
+        """A stop signal: checkpoint the last finished step (unless just written, or none was
+        trained) and report. ``data_state``: the data position before a half-fetched step."""
         import signal
 
-        if not self._checkpoint_is_current():
-            self.save_checkpoint()
+        getattr(self.loader, "close", lambda: None)()
+        trained = self.step > 0
+        if trained and not self._checkpoint_is_current():
+            self.save_checkpoint(data_state)
         self.logger.close()
         if self.env.is_main:
             name = signal.Signals(self.signals.received).name if self.signals.received else "a signal on another rank"
+            done = f"checkpoint {self.last_checkpoint}" if trained else "no step was trained, nothing to checkpoint"
             print(
-                f"vlp: preempted by {name} after step {self.step}: checkpoint {self.last_checkpoint}; "
+                f"vlp: preempted by {name} after step {self.step}: {done}; "
                 f"continue with --resume latest (outputs in {self.out_dir})",
                 flush=True,
             )
@@ -333,55 +346,19 @@ class Trainer:
         return torch.autocast(self.env.device.type, dtype=dtype)
 
     # ---- logging, evaluation, checkpoints ------------------------------------------------
-    def _global_skips(self) -> dict[str, int]:
-        counts = torch.tensor([self.loader.skipped.get(k, 0) for k in SKIP_KINDS], dtype=torch.long)
-        if self.env.world > 1 and not self.cached:  # every rank holds the whole cache's counts
-            torch.distributed.all_reduce(counts, group=self.env.group)
-        return {k: int(v) for k, v in zip(SKIP_KINDS, counts.tolist()) if v}
-
-    def _count_pairs(self, micro_batches) -> None:
-        """Rows in a minimal pair or group (loss.pair_weight), so a run whose shards have none says so."""
-        if not self.cfg.loss.pair_weight:
-            return
-        from vlp.losses.hard_negatives import pair_groups
-
-        for b in micro_batches:
-            ids = b.get("pair_id")
-            if ids is not None:
-                self.paired[0] += int(pair_groups(ids)[1].sum())
-                self.paired[1] += len(ids)
-
-    def _pair_metrics(self) -> dict:
-        if not self.cfg.loss.pair_weight or not self.paired[1]:
-            return {}
-        if not self.paired[0] and self.env.is_main and not self.warned_unpaired:
-            self.warned_unpaired = True
-            print(
-                "vlp: warning: loss.pair_weight is set but no training sample so far had a partner: the shards need "
-                "the same integer 'pair' in two adjacent samples' JSON (vlp shards --synthetic --counterfactual-pairs)",
-                flush=True,
-            )
-        return {"data/paired_fraction": self.paired[0] / self.paired[1]}
-
     def log_step(self, loss, terms, samples_per_s_rank) -> None:
-        self.skipped = Counter(self._global_skips())
         metrics = {
             "loss": float(loss),
             **{f"loss/{k}": float(v) for k, v in terms.items()},
             "lr": self.scheduler.get_last_lr()[0],
             "logit_scale": float(self.last_logit_scale.reshape(-1)[0]),
             "samples_per_s": samples_per_s_rank * self.env.world,
-            **{f"data/skipped/{k}": v for k, v in self.skipped.items()},
+            **self.data_counts.metrics(self.loader),
         }
         if self.guard.total:
             metrics["train/skipped_nonfinite"] = self.guard.total
-        metrics.update(self._pair_metrics())
         if self.cfg.loss.distill.enabled:
             metrics["distill/alpha"] = self.objective.alpha
-        for source, n in getattr(self.loader, "negative_sources", {}).items():
-            metrics[f"data/negatives/{source}"] = n
-        if getattr(self.loader, "deferred_total", 0):  # cached features: repeats left out of epochs
-            metrics["data/left_out_repeats"] = self.loader.deferred_total
         self.logger.log(self.step, metrics)
         self.logger.advance(self.cfg.train.log_every)
 
@@ -398,6 +375,7 @@ class Trainer:
             preprocess=self.eval_preprocess,
             batch_size=self.cfg.eval.batch_size,
             plots_dir=self.out_dir / "eval",
+            image_policy=image_policy(self.cfg.data),
         )
         # every rank extracts its share of the features; all get the same results
         with self.full_model() as model:
@@ -417,9 +395,9 @@ class Trainer:
                     self.step, e, self.last_checkpoint, self.step + every,
                 )  # fmt: skip
 
-    def save_checkpoint(self) -> Path:
-        rng = backends.all_gather_objects(_rng_states(self.env.device), self.env)
-        data = backends.all_gather_objects(self.loader.state_dict(), self.env)
+    def save_checkpoint(self, data_state: dict | None = None) -> Path:
+        rng = backends.all_gather_objects(rng_states(self.env.device), self.env)
+        data = backends.all_gather_objects(data_state or self.loader.state_dict(), self.env)
         state = {
             "format": CHECKPOINT_FORMAT,
             "vlp_version": vlp.__version__,
@@ -472,10 +450,14 @@ class Trainer:
                 raise CheckpointError(f"{path}: has no momentum teacher (trained without one); start a new output_dir")
             self.teacher.load_state_dict(state["teacher"])
         if state.get("world") == self.env.world:
-            _set_rng_states(state["rng"][self.env.rank], self.env.device)
+            set_rng_states(state["rng"][self.env.rank], self.env.device)
+        self.last_checkpoint = Path(path)
         log.info("resumed from %s at step %d", path, self.step)
         if self.env.is_main:
             print(f"vlp: resumed from {path} (step {self.step})", flush=True)
+            changed = run_folder.config_changes(state["config"], self.cfg.to_dict())
+            if changed:
+                print(f"vlp: the config differs from the checkpoint's: {'; '.join(changed)}", flush=True)
         data = state.get("data") or []
         if len(data) == self.env.world:
             return data[self.env.rank]
@@ -512,11 +494,13 @@ class Trainer:
         if restored or self.last_eval_step != self.step:  # the same decision on every rank (barriers)
             self.maybe_evaluate(force=True)
         self.logger.close()
+        skipped, truncated = self.data_counts.totals(self.loader)
         summary = {
             "step": self.step,
             "checkpoint": str(self.last_checkpoint),
             "output_dir": str(self.out_dir),
-            "skipped": dict(self._global_skips()),
+            "skipped": skipped,
+            "truncated_captions": truncated,
             "eval": self.eval_results[-1] if self.eval_results else {},
             **self.validator.summary(),
         }
@@ -524,21 +508,10 @@ class Trainer:
             print(f"vlp: trained {self.step} steps; outputs in {self.out_dir} (checkpoint {self.last_checkpoint})")
             if summary["skipped"]:
                 print(f"vlp: skipped bad data: {summary['skipped']}")
+            if truncated:
+                context = getattr(self.tokenizer, "context_length", "its")
+                print(f"vlp: {truncated} caption(s) were longer than the model's {context}-token context and were cut")
             if self.guard.total:
                 print(f"vlp: skipped {self.guard.total} non-finite step(s) (loss or gradients; no update made)")
         backends.barrier(self.env)  # every rank done talking before any tears down (backends.shutdown)
         return summary
-
-
-def _rng_states(device) -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_states(state: dict, device) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)

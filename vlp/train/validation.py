@@ -65,10 +65,16 @@ class Validator:
             return retrieval_metrics(out["image_features"].float().cpu(), out["text_features"].float().cpu(), owner)
         from vlp.eval.run import build_specs, evaluate_tasks
         from vlp.eval.tasks import EvalContext
+        from vlp.train.data import image_policy
 
         if self._data is None:
             self._data = build_specs(["zeroshot_retrieval"], [list(self.urls)])
-        ctx = EvalContext(env=t.env, preprocess=t.eval_preprocess, batch_size=t.cfg.eval.batch_size)
+        ctx = EvalContext(
+            env=t.env,
+            preprocess=t.eval_preprocess,
+            batch_size=t.cfg.eval.batch_size,
+            image_policy=image_policy(t.cfg.data),
+        )
         with t.full_model() as model:
             return evaluate_tasks(model, t.tokenizer, self._data, ctx)[0]["metrics"]
 
