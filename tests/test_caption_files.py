@@ -322,3 +322,40 @@ def test_an_input_error_is_not_blamed_on_the_output(folder):
         "shards", "--from", "fashion-mnist", "--source", folder / "nope", "--out", folder / "o", check=False
     )
     assert proc.returncode == 2 and "Fashion-MNIST not found" in proc.stderr and "cannot write" not in proc.stderr
+
+
+# ---------------------------------------------------------------- quotes and JSON arrays
+
+
+def test_a_stray_quote_in_an_unquoted_tsv_stops_instead_of_swallowing_rows(folder):
+    text = 'image\tcaption\na.png\t"the best\nb.jpg\tsecond row\nc.png\tthird" row\n'
+    caps = write(folder / "caps.tsv", text)
+    proc = run_main("shards", "--captions", caps, "--out", folder / "out", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{caps}:" in proc.stderr and "--quoting none" in proc.stderr
+    info = pack(caps, quoting="none")  # the file uses no quoting: quotes are text
+    assert captions_of(folder / "out") == ['"the best', "second row", 'third" row'] and info["num_samples"] == 3
+
+
+def test_a_quote_pair_that_spans_rows_is_caught(folder):
+    caps = write(folder / "caps.csv", 'image,caption\na.png,"a red\nb.jpg,a green" square\n')
+    with pytest.raises(ShardError, match="malformed CSV"):
+        pack(caps)
+    caps = write(folder / "caps2.csv", 'image,caption\na.png,"a red\nb.jpg,a green"\nc.png,blue\n')
+    with pytest.raises(ShardError, match=r"caps2.csv:2-3: a quoted field runs over 2 lines and holds what look like"):
+        pack(caps)
+
+
+def test_a_properly_quoted_caption_may_hold_line_breaks_commas_and_quotes(folder):
+    caps = write(folder / "caps.csv", 'image,caption\na.png,"two\nlines, and ""quotes"""\nb.jpg,plain\n')
+    pack(caps)
+    assert captions_of(folder / "out") == ['two\nlines, and "quotes"', "plain"]
+
+
+def test_a_json_file_holding_one_array_of_objects(folder):
+    caps = write(folder / "caps.json", json.dumps([{"image": "a.png", "caption": "red"}, {"image": "b.jpg",
+                                                    "caption": "green"}], indent=2))  # fmt: skip
+    assert pack(caps)["num_samples"] == 2 and captions_of(folder / "out") == ["red", "green"]
+    write(folder / "bad.json", '[{"image": "a.png", "caption": "red"}, 3]')
+    with pytest.raises(ShardError, match="item 1 of the array is a int"):
+        pack(folder / "bad.json")

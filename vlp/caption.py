@@ -57,6 +57,7 @@ def run_caption_command(args) -> int:
     no image is found."""
     import vlp
     from vlp.eval.captioning import caption_image_list
+    from vlp.eval.cli import image_policy_of
     from vlp.models.generate import check_captioner
     from vlp.train.backends import DistEnv, resolve_device
 
@@ -74,6 +75,7 @@ def run_caption_command(args) -> int:
         DistEnv(device=device),
         batch_size=args.batch_size,
         workers=args.workers,
+        policy=image_policy_of(args),
         **_generate_kw(args, device),
     )
     rows = [{"image": paths[i], "caption": captions[i]} for i in sorted(captions)]

@@ -109,6 +109,13 @@ def _add_shards(sub) -> None:
         help="CSV/TSV rows with more cells than the header (an unquoted delimiter in the caption): skip and count "
         "them, or join the cells back onto the caption (the caption must be the last column)",
     )
+    g.add_argument(
+        "--quoting",
+        choices=("csv", "none"),
+        default="csv",
+        help='CSV/TSV quoting: csv (a field opening with " is quoted; malformed quoting stops with the line) or '
+        "none (the file uses no quoting: quotes are part of the caption)",
+    )
     g.add_argument("--model", default="ViT-B-32", help="architecture whose text context long captions are counted for")
     g = p.add_argument_group("--from openclipart | fashion-mnist (also --seed, --max-samples-per-shard)")
     g.add_argument("--source", help="dataset folder (default: the Debian package's)")
@@ -173,7 +180,23 @@ def _add_eval(sub) -> None:
     p.add_argument("--images-root", help="folder of SugarCrepe-style image file names")
     p.add_argument("--output", default="results.json", help="JSON results (CLIP_benchmark's shape)")
     p.add_argument("--plots", action="store_true", help="also write PNG plots (counting confusion) beside --output")
+    _add_image_options(p)
     p.add_argument("--device", default="auto")
+
+
+def _add_image_options(p) -> None:
+    """How images become RGB, as data.exif_transpose / data.alpha_background do in training."""
+    p.add_argument(
+        "--no-exif-transpose",
+        dest="exif_transpose",
+        action="store_false",
+        help="keep images as stored instead of turning them upright by their EXIF orientation (open_clip's pixels)",
+    )
+    p.add_argument(
+        "--alpha-background",
+        default="white",
+        help="colour transparent images are composited on: a name, #rrggbb or r,g,b; none drops the alpha channel",
+    )
 
 
 def _add_caption(sub) -> None:
@@ -192,6 +215,7 @@ def _add_caption(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--workers", type=int, default=2, help="image loading workers")
     p.add_argument("--output", default="captions.json", help='JSON list of {"image", "caption"}')
+    _add_image_options(p)
     p.add_argument("--device", default="auto")
 
 
@@ -318,6 +342,7 @@ def _write_shards(args) -> int:
             caption_key=args.caption_key,
             encoding=args.encoding,
             extra_fields=args.extra_fields,
+            quoting=args.quoting,
             model=args.model,
             max_samples_per_shard=args.max_samples_per_shard,
             prefix=args.prefix or "data",

@@ -10,6 +10,11 @@ stops the job before anything is written with one line naming the file, the line
   ``extra_fields``, or with ``extra_fields="join"`` joined back onto the caption with the
   delimiter, which needs the caption to be the header's last column. Empty extra cells (a trailing
   delimiter) hold nothing and are ignored.
+- **Quotes**: a CSV/TSV field that opens with ``"`` is a quoted field (inner quotes doubled), as
+  in every CSV reader, and malformed quoting (text after a closing quote, a quote never closed)
+  stops the job naming the line, instead of silently merging the rows that follow into one caption.
+  ``quoting="none"`` reads files that use no quoting at all (many TSV caption lists): quotes are
+  then part of the text.
 - **Repeated rows**: a row with the image (resolved path) and caption of an earlier row is skipped
   as ``duplicate_row``; the same image with another caption is kept (COCO has five per image).
 - **Images** get the decision the training stream and the evaluation loaders make
@@ -29,6 +34,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -62,6 +68,8 @@ PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")  # kept as they are whe
 _ALPHA_MODES = ("PA", "La", "RGBa")  # alpha PNG cannot store as it is: RGBA keeps it
 CAPTION_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv")
 EXTRA_FIELDS = ("skip", "join")
+QUOTING = ("csv", "none")
+_IMAGE_NAME = re.compile(r"\.(jpe?g|png|webp|gif|bmp|tiff?|avif)$", re.IGNORECASE)
 DEFAULT_MODEL = "ViT-B-32"
 MAX_SKIP_WARNINGS = 5
 _ORIENTATION = 0x0112
@@ -76,6 +84,7 @@ class CaptionsFile:
     caption_key: str = "caption"
     encoding: str = "utf-8"
     extra_fields: str = "skip"
+    quoting: str = "csv"  # "none": quotes are text, not CSV quoting
 
     def lines(self, newline: str | None = None) -> Iterator[str]:
         """The file's decoded lines; ShardError naming the line and ``--encoding`` for a bad byte."""
@@ -102,13 +111,19 @@ def caption_rows(source: CaptionsFile) -> Iterator[tuple[int, dict, str]]:
 
 
 def _csv_rows(source: CaptionsFile, delimiter: str) -> Iterator[tuple[int, dict, str]]:
-    reader = csv.reader(source.lines(newline=""), delimiter=delimiter)
+    quoting = csv.QUOTE_NONE if source.quoting == "none" else csv.QUOTE_MINIMAL
+    # strict: a quote closed in mid-field or never closed is an error, not rows merged into one caption
+    reader = csv.reader(source.lines(newline=""), delimiter=delimiter, quoting=quoting, strict=True)
     try:
         header = [name.strip() for name in next(reader, [])]
         _check_header(source, header)
+        end = reader.line_num
         for cells in reader:
+            start, end = end + 1, reader.line_num
             if not cells:  # a blank line
                 continue
+            if end > start:
+                _check_swallowed(source, cells, delimiter, header, start, end)
             # a short row's missing cells are None, as csv.DictReader gives them
             row = dict(zip(header, cells)) | dict.fromkeys(header[len(cells) :])
             extra, problem = cells[len(header) :], ""
@@ -119,7 +134,29 @@ def _csv_rows(source: CaptionsFile, delimiter: str) -> Iterator[tuple[int, dict,
                     problem = "extra_fields"
             yield reader.line_num, row, problem
     except csv.Error as e:
-        raise ShardError(f"{source.path}:{reader.line_num}: malformed CSV: {e}") from None
+        raise ShardError(
+            f"{source.path}:{reader.line_num}: malformed CSV ({e}): quote a field that holds the delimiter, a "
+            'quote or a line break ("...", inner quotes doubled), or pass --quoting none if the file uses no quoting'
+        ) from None
+
+
+def _check_swallowed(source: CaptionsFile, cells: list[str], delimiter: str, header: list[str], start: int, end: int):
+    """A quoted field over several lines is legal CSV, but when a line inside it reads as a row (as
+    many cells as the header, an image file name in the image column), a stray quote has swallowed
+    the rows that follow: stop instead of losing them."""
+    where = header.index(source.image_key)
+
+    def row_like(line: str) -> bool:
+        parts = line.split(delimiter)
+        return len(parts) >= len(header) and _IMAGE_NAME.search(parts[where].strip()) is not None
+
+    for cell in cells:
+        if any(row_like(line) for line in cell.splitlines()[1:]):
+            raise ShardError(
+                f"{source.path}:{start}-{end}: a quoted field runs over {end - start + 1} lines and holds what look "
+                "like rows (a quote opened and closed on different lines); quote that caption properly, or pass "
+                "--quoting none if the file uses no quoting"
+            )
 
 
 def _check_header(source: CaptionsFile, header: list[str]) -> None:
@@ -134,7 +171,29 @@ def _check_header(source: CaptionsFile, header: list[str]) -> None:
         )
 
 
+def _json_array_rows(source: CaptionsFile) -> Iterator[tuple[int, dict, str]] | None:
+    """The rows of a ``.json`` file holding one array of objects (``[{...}, {...}]``), numbered from
+    1 in place of lines; None for a file that is not such an array (read as JSON lines)."""
+    if source.path.suffix.lower() != ".json":
+        return None
+    text = "".join(source.lines())
+    if not text.lstrip().startswith("["):
+        return None
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{source.path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ShardError(f"{source.path}: item {i} of the array is a {type(item).__name__}, not a JSON object")
+    return ((i, item, "") for i, item in enumerate(items, start=1))
+
+
 def _jsonl_rows(source: CaptionsFile) -> Iterator[tuple[int, dict, str]]:
+    array = _json_array_rows(source)
+    if array is not None:
+        yield from array
+        return
     for lineno, line in enumerate(source.lines(), start=1):
         if not line.strip():
             continue
@@ -301,6 +360,7 @@ def write_caption_shards(
     caption_key: str = "caption",
     encoding: str = "utf-8",
     extra_fields: str = "skip",
+    quoting: str = "csv",
     model: str = DEFAULT_MODEL,
     max_samples_per_shard: int = 1000,
     prefix: str = "data",
@@ -328,12 +388,14 @@ def write_caption_shards(
     """
     if extra_fields not in EXTRA_FIELDS:
         raise ShardError(f"extra_fields must be one of {EXTRA_FIELDS}, got {extra_fields!r}")
+    if quoting not in QUOTING:
+        raise ShardError(f"quoting must be one of {QUOTING}, got {quoting!r}")
     try:
         check_encoding(encoding)
     except ValueError as e:
         raise ShardError(str(e)) from None
     path = Path(captions_file).expanduser().resolve()
-    source = CaptionsFile(path, image_key, caption_key, encoding, extra_fields)
+    source = CaptionsFile(path, image_key, caption_key, encoding, extra_fields, quoting)
     root = Path(images_root).expanduser().resolve() if images_root is not None else path.parent
     # A first pass validates the whole file (fatal errors stop before anything is written)
     # and gives the progress bar its total.
@@ -363,6 +425,7 @@ def write_caption_shards(
         "caption_key": caption_key,
         "encoding": encoding,
         "extra_fields": extra_fields,
+        "quoting": quoting,
         "max_samples_per_shard": int(max_samples_per_shard),
         "prefix": prefix,
     }

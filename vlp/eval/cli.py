@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlp.config import TrainConfig
+from vlp.config import ConfigError, TrainConfig
+from vlp.data.images import ImagePolicy
+from vlp.eval.datasets import MAX_IMAGE_PIXELS
 from vlp.eval.run import build_specs, evaluate_tasks, format_table, write_results
 from vlp.eval.tasks import EvalContext
 from vlp.train import backends
@@ -19,9 +21,18 @@ def _specs(args) -> list:
     )
 
 
+def image_policy_of(args) -> ImagePolicy:
+    """``--no-exif-transpose`` / ``--alpha-background`` as an ImagePolicy; ConfigError for a bad colour."""
+    try:
+        return ImagePolicy.from_options(args.exif_transpose, args.alpha_background, MAX_IMAGE_PIXELS)
+    except ValueError as e:
+        raise ConfigError(f"--alpha-background: {e}") from None
+
+
 def run_eval_command(args) -> int:
     import vlp
 
+    policy = image_policy_of(args)  # an option mistake stops before any data or model is read
     env = backends.init_distributed(TrainConfig(device=args.device))
     try:
         specs = _specs(args)
@@ -33,6 +44,7 @@ def run_eval_command(args) -> int:
             batch_size=args.batch_size,
             workers=args.workers,
             plots_dir=out.parent if args.plots else None,
+            image_policy=policy,
         )
         name = args.model or ("vlp checkpoint" if args.checkpoint else "")
         results = evaluate_tasks(model, tokenizer, specs, ctx, model_name=name, pretrained=args.checkpoint)
