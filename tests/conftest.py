@@ -103,11 +103,12 @@ def run_cli(*args, cwd=None, env=None, timeout=600, check=True) -> subprocess.Co
     return proc
 
 
-def run_main(*args, env=None, check=True) -> subprocess.CompletedProcess:
+def run_main(*args, env=None, check=True, cwd=None) -> subprocess.CompletedProcess:
     """``vlp ARGS`` in this process (``vlp.cli.main``), for commands whose test needs no process of its
     own (no signals, torchrun or start-up hooks): the same parsing, dispatch, exit codes and messages as
     :func:`run_cli` without the 6-7 s of a fresh interpreter importing torch and open_clip. Its stdout,
-    stderr and vlp's log lines (in the CLI's format) are captured; ``env`` is set for the call only."""
+    stderr and vlp's log lines (in the CLI's format) are captured; ``env`` is set for the call only, and
+    it runs in ``cwd`` (default: the repository root)."""
     import contextlib
     import logging
 
@@ -119,7 +120,7 @@ def run_main(*args, env=None, check=True) -> subprocess.CompletedProcess:
     vlp_log = logging.getLogger("vlp")
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
     os.environ.update({k: str(v) for k, v in (env or {}).items()})
-    os.chdir(REPO)
+    os.chdir(cwd or REPO)
     vlp_log.addHandler(handler)
     root_handlers = list(logging.root.handlers)  # main's basicConfig must not keep a handler on our buffer
     try:

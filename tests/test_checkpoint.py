@@ -74,7 +74,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_unwritable_or_full_output_folder_fails_before_training(tmp_path):
-    from vlp.train.checkpoint import check_writable
+    from vlp.train.run_folder import check_writable
 
     check_writable(tmp_path / "new", need_bytes=1)
     blocker = tmp_path / "file"

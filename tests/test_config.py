@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vlp.config import Config, ConfigError, config_from_dict, load_config
-from vlp.config_docs import config_reference
+from vlp.config.docs import config_reference
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,11 +80,11 @@ def test_every_shipped_config_loads():
 
 
 def test_configuration_doc_is_generated_from_the_dataclasses():
-    from vlp.config_docs import DOCS_INTRO
+    from vlp.config.docs import DOCS_INTRO
 
     doc = (REPO / "docs" / "configuration.md").read_text()
     assert config_reference() in doc and DOCS_INTRO.strip() in doc, (
-        "regenerate: python -m vlp.config_docs > docs/configuration.md"
+        "regenerate: python -m vlp.config.docs > docs/configuration.md"
     )
 
 

@@ -89,7 +89,7 @@ def summarise(rows: list[dict], hits: list[bool]) -> dict:
     return out
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="vlp checkpoint (or an open_clip file with --model)")
     p.add_argument("--model", help="architecture (with no --checkpoint: random init)")
@@ -98,6 +98,11 @@ def main(argv=None) -> dict:
     p.add_argument("--start-index", type=int, default=2 * VAL_START, help="as given to export_eval_layouts")
     p.add_argument("--training-scenes", action="store_true", help="scenes 0.. (vlp demo's training scenes) instead")
     p.add_argument("--out", type=Path, help="JSON file (default: the run's eval/ folder, or the current folder)")
+    return p
+
+
+def main(argv=None) -> dict:
+    p = build_parser()
     args = p.parse_args(argv)
     if not args.checkpoint and not args.model:
         p.error("give --checkpoint, --model or both")

@@ -54,7 +54,8 @@ DERIVED = {
 REPORTED = [*METRICS, *DERIVED]
 
 
-def parse_args(name: str, default_steps: int = 600, add_options: Callable | None = None) -> argparse.Namespace:
+def build_parser(name: str, default_steps: int = 600, add_options: Callable | None = None) -> argparse.ArgumentParser:
+    """The command line of ``tools/replicate_<name>.py``; ``add_options(parser)`` adds the script's own options."""
     p = argparse.ArgumentParser(description=f"baseline vs {name} on the shapes data (see {__file__})")
     p.add_argument("--out", default=f"runs/replicate_{name}", help="data, runs and the JSON go here")
     p.add_argument("--steps", type=int, default=default_steps, help="training steps of every run")
@@ -82,7 +83,15 @@ def parse_args(name: str, default_steps: int = 600, add_options: Callable | None
     )
     if add_options is not None:
         add_options(p)
-    args = p.parse_args()
+    return p
+
+
+def parse_args(
+    name: str, default_steps: int = 600, add_options: Callable | None = None, argv: list[str] | None = None
+) -> argparse.Namespace:
+    """``argv`` (default: the command line) read by :func:`build_parser`; exits with a usage error as argparse does."""
+    p = build_parser(name, default_steps, add_options)
+    args = p.parse_args(argv)
     from vlp import demo
 
     if args.train_images and (args.train_images < 0 or args.train_images % demo.PER_SHARD):

@@ -18,12 +18,13 @@ import logging
 import os
 import random
 import re
-import shutil
+from collections import Counter
 from pathlib import Path
 
 import torch
 
-from vlp.models.loading import CheckpointError, read_file
+from vlp.config import ConfigError
+from vlp.models.loading import CHECKPOINT_FORMAT, CheckpointError, read_file
 from vlp.train.run_folder import older_to_delete
 
 log = logging.getLogger(__name__)
@@ -75,25 +76,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             sha.update(block)
     return sha.hexdigest()
-
-
-def check_writable(folder: Path, need_bytes: int = 0) -> None:
-    """Fail now, not at the first checkpoint hours later, if ``folder`` cannot take a checkpoint:
-    not creatable, not writable, or less free space than ``need_bytes``."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".vlp_write_probe"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise OSError(f"output folder {folder} is not writable ({e.strerror or e}); set train.output_dir") from None
-    free = shutil.disk_usage(folder).free
-    if free < need_bytes:
-        raise OSError(
-            f"output folder {folder} has {free / 2**30:.2f} GiB free, but a checkpoint needs about "
-            f"{need_bytes / 2**30:.2f} GiB (two must fit while the newer one is written); free space or "
-            "set train.output_dir elsewhere"
-        )
 
 
 class Checkpointer:
@@ -185,3 +167,33 @@ def set_rng_states(state: dict, device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def check_resumable(path, state: dict, model_name: str) -> None:
+    """A training run may resume from ``state`` (read from ``path``): a vlp training checkpoint of the
+    same architecture. Raises CheckpointError or ConfigError saying what to do instead."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a vlp training checkpoint (use model.pretrained for weights)")
+    saved = state["config"]["model"]["name"]
+    if saved != model_name:
+        raise ConfigError(
+            f"{path}: checkpoint was trained with model.name='{saved}', the config says "
+            f"'{model_name}'; resume with the same architecture or start a new output_dir"
+        )
+
+
+def data_state_of_rank(data: list[dict], rank: int, world: int) -> dict | None:
+    """This rank's saved data position from a checkpoint's per-rank list. Saved with another world
+    size, positions cannot be replayed (the loader warns and starts a new epoch); rank 0 then carries
+    the run's totals (skipped samples, cut captions) so that the reports go on adding up."""
+    if len(data) == world:
+        return data[rank]
+    if not data:
+        return None
+    skipped: Counter = Counter()
+    for d in data:
+        skipped.update(d.get("skipped", {}))
+    truncated = sum(int(d.get("truncated_captions", 0)) for d in data)
+    if rank:
+        return {**data[0], "skipped": {}, "truncated_captions": 0}
+    return {**data[0], "skipped": dict(skipped), "truncated_captions": truncated}

@@ -102,3 +102,32 @@ def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{name}: {a!r} -> {b!r}")
     return out
+
+
+def check_writable(folder: Path, need_bytes: int = 0) -> None:
+    """Fail now, not at the first checkpoint hours later, if ``folder`` cannot take a checkpoint:
+    not creatable, not writable, or less free space than ``need_bytes``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".vlp_write_probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"output folder {folder} is not writable ({e.strerror or e}); set train.output_dir") from None
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise OSError(
+            f"output folder {folder} has {free / 2**30:.2f} GiB free, but a checkpoint needs about "
+            f"{need_bytes / 2**30:.2f} GiB (two must fit while the newer one is written); free space or "
+            "set train.output_dir elsewhere"
+        )
+
+
+def check_space(out_dir: Path, model, with_teacher: bool) -> None:
+    """ConfigError now, not at the first checkpoint hours later, if ``out_dir`` cannot take two
+    checkpoints (weights, two AdamW moments and a teacher copy in fp32; two coexist during a save)."""
+    n = sum(p.numel() for p in model.parameters())
+    try:
+        check_writable(out_dir / "checkpoints", 2 * 4 * n * (3 + with_teacher))
+    except OSError as e:
+        raise ConfigError(str(e)) from None

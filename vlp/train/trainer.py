@@ -7,7 +7,6 @@ import logging
 import math
 import random
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from vlp.models.loading import CHECKPOINT_FORMAT, CheckpointError, load_state_di
 from vlp.models.registry import build_model, image_size
 from vlp.models.towers import trainable_count
 from vlp.train import backends, run_folder
-from vlp.train.checkpoint import Checkpointer, rng_states, set_rng_states
+from vlp.train.checkpoint import Checkpointer, check_resumable, data_state_of_rank, rng_states, set_rng_states
 from vlp.train.data import build_train_loader, image_policy, resolve_total_steps
 from vlp.train.data_counts import DataCounts
 from vlp.train.feature_cache import CachedBatches, CachedHeads, build_feature_cache, cache_supported, fingerprint
@@ -204,7 +203,8 @@ class Trainer:
     def train(self) -> dict:
         t = self.cfg.train
         run_folder.claim(self.out_dir, t.resume, t.overwrite, self.env.is_main)  # never over another run's files
-        self._check_output_space()
+        if self.env.is_main:  # unwritable or full: stop now, not at the first checkpoint
+            run_folder.check_space(self.out_dir, self.model, self.teacher is not None)
         data_state = self.maybe_resume()
         self.loader = self._build_loader(data_state)
         self._prepare_output()  # only once every check has passed: a rejected start leaves the run as it was
@@ -268,20 +268,6 @@ class Trainer:
     def _checkpoint_is_current(self) -> bool:
         """Whether the last checkpoint written is of the current step."""
         return self.last_checkpoint is not None and self.checkpointer.path_for(self.step) == self.last_checkpoint
-
-    def _check_output_space(self) -> None:
-        """An unwritable or full output folder stops the run now, not at the first checkpoint."""
-        from vlp.train.checkpoint import check_writable
-
-        if not self.env.is_main:
-            return
-        n = sum(p.numel() for p in self.model.parameters())
-        # weights + two AdamW moments (+ a teacher copy) in fp32; two checkpoints coexist during a save
-        need = 2 * 4 * n * (3 + (self.teacher is not None))
-        try:
-            check_writable(self.out_dir / "checkpoints", need)
-        except OSError as e:
-            raise ConfigError(str(e)) from None
 
     def train_step(self, micro_batches) -> tuple[torch.Tensor, dict]:
         self.ddp_model.train()
@@ -436,7 +422,7 @@ class Trainer:
                 return None
             raise CheckpointError(f"cannot resume from {which}")
         path, state = found
-        self._check_compatible(path, state)
+        check_resumable(path, state, self.cfg.model.name)
         if self.engine is None:  # DeepSpeed's checkpointer has loaded them into the engine
             load_state_dict_checked(self.model, state["model"], path, self.cfg.model.name)
             self.optimizer.load_state_dict(state["optimizer"])
@@ -458,26 +444,7 @@ class Trainer:
             changed = run_folder.config_changes(state["config"], self.cfg.to_dict())
             if changed:
                 print(f"vlp: the config differs from the checkpoint's: {'; '.join(changed)}", flush=True)
-        data = state.get("data") or []
-        if len(data) == self.env.world:
-            return data[self.env.rank]
-        if not data:
-            return None
-        # another world size: positions cannot be replayed (the loader warns); rank 0 carries the totals
-        totals = Counter()
-        for d in data:
-            totals.update(d.get("skipped", {}))
-        return {**data[0], "skipped": dict(totals) if self.env.is_main else {}}
-
-    def _check_compatible(self, path, state) -> None:
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path}: not a vlp training checkpoint (use model.pretrained for weights)")
-        saved = state["config"]["model"]["name"]
-        if saved != self.cfg.model.name:
-            raise ConfigError(
-                f"{path}: checkpoint was trained with model.name='{saved}', the config says "
-                f"'{self.cfg.model.name}'; resume with the same architecture or start a new output_dir"
-            )
+        return data_state_of_rank(state.get("data") or [], self.env.rank, self.env.world)
 
     def _prepare_output(self) -> None:
         if self.env.is_main:
