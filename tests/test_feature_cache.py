@@ -145,7 +145,8 @@ def test_lit_trains_on_cached_features_validates_and_resumes_exactly(shapes_shar
     from vlp.train.trainer import Trainer
 
     full, cut = tmp_path / "full", tmp_path / "cut"
-    summary = Trainer(_lit_config(shapes_shards, tiny_hf_text, full, "train.val_every=2")).train()
+    short = "model.text.context_length=10"  # some shapes captions are longer: their count is checked below
+    summary = Trainer(_lit_config(shapes_shards, tiny_hf_text, full, "train.val_every=2", short)).train()
     printed = capsys.readouterr().out
     assert "encoding 256 train images" in printed and "encoding 64 val images" in printed
     assert len(list((full / "feature_cache").glob("train-*.pt"))) == 1
@@ -154,6 +155,14 @@ def test_lit_trains_on_cached_features_validates_and_resumes_exactly(shapes_shar
     assert sorted(scores) == [2, 4, 6, 8]
     assert summary["best_step"] == max(scores, key=lambda s: (scores[s], -s))
     assert summary["eval"]["zeroshot_retrieval/num_images"] == 64
+    # captions longer than the text tower's 10 tokens, counted once when the cache was encoded
+    from transformers import AutoTokenizer
+
+    (cache_file,) = (full / "feature_cache").glob("train-*.pt")
+    captions = torch.load(cache_file, weights_only=True)["captions"]
+    hf = AutoTokenizer.from_pretrained(tiny_hf_text)
+    long = sum(len(hf(c)["input_ids"]) > 10 for c in captions)
+    assert 0 < long < len(captions) and summary["truncated_captions"] == long
     # killed after the step-4 checkpoint: the resumed run reads the cache and continues exactly
     shutil.copytree(full, cut)
     for late in (cut / "checkpoints").glob("step_0000000[5-8].pt"):
@@ -161,7 +170,7 @@ def test_lit_trains_on_cached_features_validates_and_resumes_exactly(shapes_shar
     (cut / "checkpoints" / "latest").write_text("step_00000004.pt")
     lines = (cut / "metrics.jsonl").read_text().splitlines()
     (cut / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if '"step": 5' not in line))
-    Trainer(_lit_config(shapes_shards, tiny_hf_text, cut, "train.val_every=2", "train.resume=latest")).train()
+    Trainer(_lit_config(shapes_shards, tiny_hf_text, cut, "train.val_every=2", short, "train.resume=latest")).train()
     printed = capsys.readouterr().out
     assert "features from the cache" in printed and "encoding 256" not in printed
     a, b = _losses(full), _losses(cut)

@@ -457,6 +457,7 @@ class StreamLoader:
             if "_fatal" in batch:  # a reader cannot go on (vlp.data.usable): stop here, with its message
                 self.skipped.update(batch["_skipped"])
                 kind, message = batch["_fatal"]
+                self.close()  # the other readers' workers too: nothing will read from them again
                 raise (NoUsableDataError if kind == "NoUsableDataError" else DataStopError)(message)
             self.truncated_captions += batch.pop("_truncated")
             self.slots[batch.pop("_slot")] = batch.pop("_state")

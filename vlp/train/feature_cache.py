@@ -29,6 +29,8 @@ import torch.nn.functional as F
 
 from vlp.data.decode import SkipCounter, caption_variants, decode_caption
 from vlp.data.stream import _shard_samples, caption_norm
+from vlp.data.tokenizer import count_truncated
+from vlp.data.usable import NoUsableDataError
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 3  # bump when the encoding of cached features changes
@@ -94,6 +96,7 @@ class FeatureCache:
     captions: list[str]  # M
     keys: list[str]  # N
     skipped: dict[str, int] = field(default_factory=dict)
+    truncated_captions: int = 0  # captions longer than the text context, cut when they were encoded
 
     def __len__(self) -> int:
         return self.image.shape[0]
@@ -167,8 +170,9 @@ def build_feature_cache(model, urls, preprocess, tokenizer, env, *, cache_file: 
     skips = SkipCounter()
     images, captions, keys = read_records(urls, tuple(data_cfg.image_keys), data_cfg.text_key, variants_key, skips)
     if not images:
-        raise RuntimeError(
-            f"no usable sample in {len(urls)} shard(s) (first: {urls[0]}); skipped: {dict(skips.counts)}"
+        raise NoUsableDataError(
+            f"no usable training sample in {len(urls)} shard(s) (first: {urls[0]}); skipped: {dict(skips.counts)}; "
+            f"check data.image_keys {list(data_cfg.image_keys)} and data.text_key '{data_cfg.text_key}'"
         )
     encoder = TrunkEncoder(model)
     was_training = model.training
@@ -209,6 +213,7 @@ def build_feature_cache(model, urls, preprocess, tokenizer, env, *, cache_file: 
         "captions": flat,
         "keys": [keys[i] for i in kept],
         "skipped": dict(skipped),
+        "truncated_captions": count_truncated(tokenizer, flat, tokenizer(flat)) if flat else 0,
     }
     if env.is_main:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -253,6 +258,7 @@ class CachedBatches:
         state = state or {}
         self.epoch, self.batch = int(state.get("epoch", 0)), int(state.get("batch", 0))
         self.skipped: Counter = Counter(cache.skipped)  # bad data met while encoding the cache
+        self.truncated_captions = cache.truncated_captions  # counted once, when encoded
         self.deferred_total = int(state.get("deferred_total", 0))
         first = cache.first_text.tolist()
         self._primary = [caption_norm(cache.captions[first[i]]) for i in range(len(cache))]
