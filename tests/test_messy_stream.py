@@ -123,18 +123,26 @@ def _train_sets(out, shards, *extra):
     return ["--config", "configs/demo.yaml", *[a for s in base for a in ("--set", s)]]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_vlp_train_on_unusable_shards_exits_2_with_one_line(tmp_path, workers):
+@pytest.mark.parametrize(
+    "kind, workers, counted",
+    [
+        ("zero_byte_images", 0, "'corrupt_image': 12"),
+        ("zero_byte_images", 1, "'corrupt_image': 12"),
+        ("captions_only", 0, "'missing_image': 12"),
+        ("empty", 0, "the shards hold no samples"),
+    ],
+)
+def test_vlp_train_on_unusable_shards_exits_2_with_one_line(tmp_path, kind, workers, counted):
     pattern = str(tmp_path / "bad-{0..1}.tar")
     for j in (0, 1):
-        write_tar(tmp_path / f"bad-{j}.tar", [UNUSABLE["zero_byte_images"](10 * j + i) for i in range(6)])
+        write_tar(tmp_path / f"bad-{j}.tar", [] if kind == "empty" else [UNUSABLE[kind](10 * j + i) for i in range(6)])
     t0 = time.perf_counter()
     proc = run_main("train", *_train_sets(tmp_path / "run", pattern, f"data.workers={workers}"), check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert time.perf_counter() - t0 < 60
     errors = [line for line in proc.stderr.splitlines() if line.startswith("vlp train: error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
-    assert "bad-0.tar" in errors[0] and "'corrupt_image': 12" in errors[0]
+    assert "bad-0.tar" in errors[0] and counted in errors[0]
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 
