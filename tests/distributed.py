@@ -24,7 +24,7 @@ def _worker(rank, world, port, fn, args, out_dir):
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
-        dist.barrier()  # no rank tears its connections down while another still talks (see backends.shutdown)
+        dist.barrier()  # no rank tears its connections down while another still talks (see vlp.distributed.shutdown)
     finally:
         dist.destroy_process_group()
 

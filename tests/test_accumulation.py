@@ -12,10 +12,11 @@ from open_clip.transformer import PatchDropout
 
 from tests.distributed import run_distributed
 from vlp.config import ContrastiveConfig, LossConfig
+from vlp.distributed import DistEnv
 from vlp.losses import Objective, clip_loss
 from vlp.losses.regularizers import alignment_loss, uniformity_loss
 from vlp.models.registry import build_model
-from vlp.train.backends import DistEnv, wrap_model
+from vlp.train.backends import wrap_model
 from vlp.train.step import forward_backward
 
 SCALER = torch.amp.GradScaler("cpu", enabled=False)

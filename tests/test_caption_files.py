@@ -258,7 +258,7 @@ def test_jpeg_png_webp_bytes_are_copied(folder):
 
 
 def test_captions_longer_than_the_context_are_counted(folder):
-    from vlp.data.tokenizer import get_tokenizer
+    from vlp.models.tokenizer import get_tokenizer
 
     tok = get_tokenizer("ViT-B-32")
     fits, cut = "a " * 75, "a " * 76  # "a" is one token; start and end make 77 and 78
@@ -270,12 +270,12 @@ def test_captions_longer_than_the_context_are_counted(folder):
     info = json.loads((folder / "out" / INFO_FILE).read_text())
     assert (info["long_captions"], info["model"], info["context_length"]) == (1, "ViT-B-32", 77)
     assert "1 caption is longer than ViT-B-32's 77-token context and will be cut in training" in proc.stdout
-    info = pack(caps, model="debug")  # context 32: the two long ones
+    info = pack(caps, model="debug", tokenizer=get_tokenizer("debug"))  # context 32: the two long ones
     assert (info["long_captions"], info["context_length"]) == (2, 32)
 
 
 def test_token_count_of_a_hugging_face_tokenizer(tiny_hf_text):
-    from vlp.data.tokenizer import _hf_tokenizer
+    from vlp.models.tokenizer import _hf_tokenizer
 
     tok = _hf_tokenizer(str(tiny_hf_text), 16)
     short, long = "a red dog", " ".join(["a red dog"] * 10)

@@ -177,7 +177,7 @@ def test_bf16_clamps_master_logit_scale_and_consolidates(shapes_shards, tmp_path
     import torch
 
     import vlp
-    from vlp.train.deepspeed_backend import consolidated_state_dict
+    from vlp.checkpoint.deepspeed import consolidated_state_dict
 
     out = tmp_path / "bf16"
     # the initial multiplier 1/0.07 = 14.3 is above the cap of 10: the clamp acts from the first step
@@ -251,7 +251,7 @@ def test_momentum_teacher_under_zero2_matches_single_process(shapes_shards, tmp_
         assert b[step] == pytest.approx(a[step], abs=2e-5), (a, b)
     import torch
 
-    from vlp.train.deepspeed_backend import weights_only_loads
+    from vlp.checkpoint.deepspeed import weights_only_loads
 
     with weights_only_loads():
         state = torch.load(zero / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt")

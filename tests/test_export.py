@@ -19,6 +19,7 @@ from conftest import tiny_tower_sets
 from PIL import Image
 
 import vlp
+from vlp.checkpoint import CHECKPOINT_FORMAT, CheckpointError
 from vlp.cli import main
 from vlp.config import ModelConfig, load_config
 from vlp.export import (
@@ -33,7 +34,6 @@ from vlp.export import (
     safetensors_file,
 )
 from vlp.export.parity import parity_batch
-from vlp.models.loading import CHECKPOINT_FORMAT, CheckpointError
 from vlp.models.registry import CONFIG_DIR, build_model
 
 CAPTIONS = ["a photo of a cat", "two red squares to the left of a blue circle", "A big DOG, sleeping!"]
@@ -198,12 +198,12 @@ def test_open_clip_checkpoint_file_needs_its_architecture(debug_ref, tmp_path):
 
 def test_deepspeed_folder_is_read_through_its_consolidation(debug_ckpt, tmp_path, monkeypatch):
     """The dispatch only; consolidating ZeRO shards is tests/test_deepspeed.py's."""
-    from vlp.train import deepspeed_backend
+    from vlp.checkpoint import kinds
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()
-    monkeypatch.setattr(deepspeed_backend, "is_deepspeed_checkpoint", lambda path: path == folder)
-    monkeypatch.setattr(deepspeed_backend, "read_as_vlp_checkpoint", lambda path: torch.load(debug_ckpt))
+    monkeypatch.setattr(kinds, "is_deepspeed_checkpoint", lambda path: path == folder)
+    monkeypatch.setattr(kinds, "read_as_vlp_checkpoint", lambda path: torch.load(debug_ckpt))
     info = export_checkpoint(folder, "safetensors", tmp_path / "st")
     assert info["source_kind"] == "vlp DeepSpeed checkpoint" and info["architecture"] == "debug"
 

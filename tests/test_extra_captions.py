@@ -16,10 +16,10 @@ from tests.test_stream import _loader, _take
 from vlp.config import LossConfig, load_config
 from vlp.data.counting import count_of
 from vlp.data.extra_captions import ExtraCaptionSpec
-from vlp.data.tokenizer import get_tokenizer
 from vlp.losses import Objective
 from vlp.models.extras import ExtraTexts
 from vlp.models.registry import build_model
+from vlp.models.tokenizer import get_tokenizer
 from vlp.train.logging import read_metrics
 from vlp.train.step import forward_backward
 

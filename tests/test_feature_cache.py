@@ -100,7 +100,7 @@ def test_cached_heads_compute_the_full_models_features(tiny_hf_text):
     mcfg = load_config(None, tiny_tower_sets(tiny_hf_text)).model
     model, _, _ = build_model(mcfg)
     model.eval()
-    from vlp.data.tokenizer import get_tokenizer
+    from vlp.models.tokenizer import get_tokenizer
 
     tokens = get_tokenizer(mcfg)(["a red apple", "two big black dogs with a cat", ""])
     pixels = torch.randn(3, 3, 64, 64)

@@ -32,7 +32,7 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from vlp.data.tokenizer import get_tokenizer
+    from vlp.models.tokenizer import get_tokenizer
 
     return get_tokenizer("debug")
 

@@ -217,9 +217,7 @@ def test_caption_files_are_packed_exactly_or_refused_with_one_line(image_dir, ma
     _write(source, fmt, encoding, quoted, newline, rows)
     given_encoding = encoding if told == "right" else "utf-8"
     try:
-        info = write_caption_shards(
-            source, out, encoding=given_encoding, quoting=quoting, progress=False, model="debug"
-        )
+        info = write_caption_shards(source, out, encoding=given_encoding, quoting=quoting, progress=False)
     except ShardError as e:
         message = str(e)
         assert "\n" not in message.strip() and source.name in message

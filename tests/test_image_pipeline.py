@@ -18,8 +18,8 @@ from tests.test_stream import MEAN, STD, _loader, _take
 from vlp.data.decode import DecodeOptions, decode_image
 from vlp.data.shardlists import expand_urls
 from vlp.data.stream import StreamLoader, StreamSpec
-from vlp.data.tokenizer import get_tokenizer
 from vlp.data.transforms import CROP_RATIO, DeviceNormalize, draft_min_side, train_transform
+from vlp.models.tokenizer import get_tokenizer
 
 CPU = torch.device("cpu")
 

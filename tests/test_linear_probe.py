@@ -14,6 +14,7 @@ from PIL import Image
 
 from tests.conftest import png_bytes, run_cli, run_main, write_tar
 from tests.distributed import run_distributed
+from vlp.distributed import DistEnv
 from vlp.eval.datasets import EvalDataError, load_eval_data, load_linear_probe
 from vlp.eval.linear_probe import (
     INITIAL_INDICES,
@@ -24,7 +25,6 @@ from vlp.eval.linear_probe import (
     train_linear,
 )
 from vlp.eval.tasks import EvalContext, get_task
-from vlp.train.backends import DistEnv
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 COLORS |= {"purple": (140, 30, 160), "white": (245, 245, 245)}

@@ -16,8 +16,8 @@ from tests.conftest import run_main, write_tar
 from vlp.data.decode import DecodeOptions, SkipCounter, decode_sample
 from vlp.data.images import ImagePolicy, open_image, parse_background
 from vlp.data.stream import StreamLoader, StreamSpec
-from vlp.data.tokenizer import get_tokenizer
 from vlp.eval.datasets import ImageList
+from vlp.models.tokenizer import get_tokenizer
 
 RED, BLUE = (220, 20, 20), (20, 20, 220)
 

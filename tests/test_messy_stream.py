@@ -16,9 +16,9 @@ import pytest
 
 from tests.conftest import REPO, good_sample, run_main, write_tar
 from vlp.data.stream import StreamLoader, StreamSpec
-from vlp.data.tokenizer import get_tokenizer
 from vlp.data.transforms import train_transform
 from vlp.data.usable import NoUsableDataError
+from vlp.models.tokenizer import get_tokenizer
 from vlp.train.guards import EXIT_PREEMPTED
 from vlp.train.logging import read_metrics
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import vlp
-from vlp.models.loading import CheckpointError
+from vlp.checkpoint import CheckpointError
 from vlp.models.registry import UnknownModelError, build_model, get_model_config, list_models
 
 

@@ -13,8 +13,8 @@ from tests.conftest import BAD_SAMPLES, good_sample, write_tar
 from vlp.data.decode import DecodeOptions
 from vlp.data.shardlists import DataConfigError, check_readers, expand_urls, read_sizes
 from vlp.data.stream import StreamLoader, StreamSpec
-from vlp.data.tokenizer import get_tokenizer
 from vlp.data.transforms import eval_transform, train_transform
+from vlp.models.tokenizer import get_tokenizer
 
 MEAN, STD = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
 

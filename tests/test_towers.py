@@ -10,10 +10,10 @@ import torch
 from conftest import tiny_tower_sets
 
 import vlp
+from vlp.checkpoint import CheckpointError
 from vlp.config import ConfigError, load_config
-from vlp.data.tokenizer import get_tokenizer
-from vlp.models.loading import CheckpointError
 from vlp.models.registry import build_model, image_size
+from vlp.models.tokenizer import get_tokenizer
 from vlp.models.towers import resolve_path, trainable_count
 
 

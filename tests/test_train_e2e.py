@@ -192,7 +192,7 @@ def test_trainer_in_process_precision_and_accumulation(shapes_shards, tmp_path, 
 
 def test_group_size_must_divide_world_size_at_start(tmp_path):
     from vlp.config import ConfigError, load_config
-    from vlp.train.backends import DistEnv
+    from vlp.distributed import DistEnv
     from vlp.train.trainer import Trainer
 
     cfg = load_config(

@@ -4,12 +4,12 @@ The library parts (models, losses, tokenization, transforms, metrics) import wit
 webdataset or DeepSpeed; the training application lazily imports what it needs.
 """
 
-__version__ = "0.1.0"
+from vlp._version import __version__
 
 
 def load_model(path_or_name, model_name=None, device="cpu"):
-    """Load a model for inference; see :func:`vlp.models.loading.load_model`."""
-    from vlp.models.loading import load_model as _load_model
+    """Load a model for inference; see :func:`vlp.api.load_model`."""
+    from vlp.api import load_model as _load_model
 
     return _load_model(path_or_name, model_name=model_name, device=device)
 

@@ -56,10 +56,10 @@ def run_caption_command(args) -> int:
     that is not a CoCa, ConfigError without ``--checkpoint``/``--model``, FileNotFoundError when
     no image is found."""
     import vlp
+    from vlp.distributed import DistEnv, resolve_device
     from vlp.eval.captioning import caption_image_list
     from vlp.eval.cli import image_policy_of
     from vlp.models.generate import check_captioner
-    from vlp.train.backends import DistEnv, resolve_device
 
     if not (args.checkpoint or args.model):
         raise ConfigError("give --checkpoint CKPT (a vlp checkpoint) or --model NAME (e.g. coca_debug)")

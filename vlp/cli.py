@@ -184,7 +184,7 @@ def cmd_train(args) -> int:
     overrides += ["train.overwrite=true"] if args.overwrite else []
     cfg = load_config(args.config, overrides)  # a config mistake is reported before torch is even imported
 
-    from vlp.train import backends
+    from vlp.distributed import shutdown
     from vlp.train.guards import EXIT_PREEMPTED
     from vlp.train.trainer import Trainer
 
@@ -192,7 +192,7 @@ def cmd_train(args) -> int:
     try:
         summary = trainer.train()
     finally:
-        backends.shutdown(trainer.env)
+        shutdown(trainer.env)
     return EXIT_PREEMPTED if summary.get("preempted") else 0
 
 

@@ -88,6 +88,17 @@ def add_shards_parser(sub) -> None:
     g.add_argument("--per-class-test", type=int, default=0, help="fashion-mnist: images per class (0 = all)")
 
 
+def _tokenizer(model: str):
+    """The tokenizer that counts long captions for ``--model``; ShardError (one line) if it cannot load."""
+    from vlp.data.shards import ShardError
+    from vlp.models.tokenizer import get_tokenizer
+
+    try:
+        return get_tokenizer(model)
+    except (OSError, ValueError) as e:
+        raise ShardError(f"--model {model}: cannot load its tokenizer to count long captions ({e})") from None
+
+
 def run_shards(args) -> int:
     from vlp.data import shards
 
@@ -140,6 +151,7 @@ def _write_shards(args) -> int:
             encoding=args.encoding,
             extra_fields=args.extra_fields,
             quoting=args.quoting,
+            tokenizer=_tokenizer(args.model),
             model=args.model,
             max_samples_per_shard=args.max_samples_per_shard,
             prefix=args.prefix or "data",

@@ -36,7 +36,7 @@ MODEL = "ViT-B-32"  # the tokenizer both sides use (open_clip's SimpleTokenizer,
 def vlp_loader(pattern: str, workers: int, batch: int, size: int, draft: bool, resize: str = "torch"):
     """The loader ``vlp train`` builds (vlp.train.data.build_train_loader) for this data."""
     from vlp.config import Config
-    from vlp.train.backends import DistEnv
+    from vlp.distributed import DistEnv
     from vlp.train.data import build_train_loader
 
     cfg = Config()

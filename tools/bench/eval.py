@@ -105,9 +105,9 @@ def build_models(case: Case, device):
     """vlp's model and preprocessing; CLIP_benchmark's (open_clip's create_model_and_transforms) with vlp's weights."""
     import open_clip
 
-    from vlp.data.tokenizer import get_tokenizer
     from vlp.data.transforms import eval_transform
     from vlp.models.registry import build_model, image_size
+    from vlp.models.tokenizer import get_tokenizer
 
     torch.manual_seed(SEED)
     model, mean, std = build_model(case.model, device=device)
@@ -124,10 +124,10 @@ def measure(case: Case, root: str) -> dict:
     from torch.utils.data import DataLoader, Subset
     from torchvision.datasets import ImageFolder
 
+    from vlp.distributed import DistEnv
     from vlp.eval.datasets import load_templates
     from vlp.eval.extract import image_features
     from vlp.eval.zeroshot import build_classifier
-    from vlp.train.backends import DistEnv
 
     if case.threads:
         torch.set_num_threads(case.threads)

@@ -22,8 +22,9 @@ stops the job before anything is written with one line naming the file, the line
   ``animated_image`` are skipped. JPEG, PNG and WebP bytes are copied unchanged; another still
   format the stream does not read (BMP, GIF, TIFF, ...) is converted to PNG without loss (mode and
   EXIF orientation kept, so the picture is turned upright at read time like any other).
-- **Captions longer than the model's context** (``model``, default ViT-B-32: 77 tokens) are
-  counted, as ``long_captions``: training cuts them, silently.
+- **Captions longer than the model's context** (``tokenizer``, the one of the architecture
+  ``model`` names; `vlp shards` passes ViT-B-32's, 77 tokens, by default) are counted, as
+  ``long_captions``: training cuts them.
 """
 
 from __future__ import annotations
@@ -259,15 +260,6 @@ def token_count(tokenizer, text: str) -> int:
     return len(tokenizer.tokenizer(clean(text))["input_ids"])
 
 
-def _load_tokenizer(model: str):
-    from vlp.data.tokenizer import get_tokenizer
-
-    try:
-        return get_tokenizer(model)
-    except (OSError, ValueError) as e:
-        raise ShardError(f"--model {model}: cannot load its tokenizer to count long captions ({e})") from None
-
-
 def _json_bytes(fields: dict) -> bytes:
     try:
         return json.dumps(fields, ensure_ascii=False).encode("utf-8")
@@ -322,7 +314,7 @@ class _Packer:
         if data is None:
             return None, ext
         self.formats[f"{ext} (converted from {converted_from})" if converted_from else ext] += 1
-        if token_count(self.tokenizer, caption) > self.tokenizer.context_length:
+        if self.tokenizer is not None and token_count(self.tokenizer, caption) > self.tokenizer.context_length:
             self.long_captions += 1
         extra = {k: v for k, v in row.items() if k not in (image_key, caption_key)}
         return {"__key__": f"{key:09d}", ext: data, "txt": txt, "json": _json_bytes(extra)}, ""
@@ -361,6 +353,7 @@ def write_caption_shards(
     encoding: str = "utf-8",
     extra_fields: str = "skip",
     quoting: str = "csv",
+    tokenizer=None,
     model: str = DEFAULT_MODEL,
     max_samples_per_shard: int = 1000,
     prefix: str = "data",
@@ -372,7 +365,8 @@ def write_caption_shards(
 
     Image paths are relative to ``images_root`` (default: the captions file's folder) or
     absolute. A sample's key is its 0-based row number; its ``json`` holds the row's other
-    fields. ``model`` names the architecture whose tokenizer counts the long captions.
+    fields. ``tokenizer`` (open_clip's, of the architecture ``model`` names) counts the captions
+    longer than its context; without one they are not counted (``long_captions`` None).
 
     Returns:
         The _info.json dict: num_samples, num_shards, shards, source="captions",
@@ -400,7 +394,6 @@ def write_caption_shards(
     # A first pass validates the whole file (fatal errors stop before anything is written)
     # and gives the progress bar its total.
     total = sum(1 for _ in caption_rows(source))
-    tokenizer = _load_tokenizer(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / INFO_FILE).unlink(missing_ok=True)
@@ -416,9 +409,9 @@ def write_caption_shards(
         "num_rows": total,
         "formats": dict(packer.formats),
         "converted": sum(n for fmt, n in packer.formats.items() if "converted" in fmt),
-        "long_captions": packer.long_captions,
+        "long_captions": packer.long_captions if tokenizer is not None else None,
         "model": model,
-        "context_length": int(tokenizer.context_length),
+        "context_length": int(tokenizer.context_length) if tokenizer is not None else None,
         "captions_file": str(path),
         "images_root": str(root),
         "image_key": image_key,

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from vlp.data.decode import DecodeOptions, SkipCounter, caption_variant, decode_sample
 from vlp.data.extra_captions import PAIR_GROUP_LIMIT, ExtraCaptionSpec, extra_caption_tensors, pair_id
 from vlp.data.shardlists import reader_shards
-from vlp.data.tokenizer import count_truncated
+from vlp.data.truncation import count_truncated
 from vlp.data.unique_captions import UniqueBatcher, caption_norm  # noqa: F401 - caption_norm: used from here
 from vlp.data.usable import DataStopError, NoUsableDataError, UsableGuard
 

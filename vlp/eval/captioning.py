@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from vlp.train.backends import DistEnv, all_gather_objects
+from vlp.distributed import DistEnv, all_gather_objects
 
 
 class MissingDependencyError(ImportError):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlp.config import ConfigError, TrainConfig
+from vlp.config import ConfigError
 from vlp.data.images import ImagePolicy
+from vlp.distributed import barrier, init_process, shutdown
 from vlp.eval.datasets import MAX_IMAGE_PIXELS
 from vlp.eval.run import build_specs, evaluate_tasks, format_table, write_results
 from vlp.eval.tasks import EvalContext
-from vlp.train import backends
 
 
 def _specs(args) -> list:
@@ -30,13 +30,13 @@ def image_policy_of(args) -> ImagePolicy:
 
 
 def run_eval_command(args) -> int:
-    import vlp
+    from vlp.api import load_model
 
     policy = image_policy_of(args)  # an option mistake stops before any data or model is read
-    env = backends.init_distributed(TrainConfig(device=args.device))
+    env = init_process(args.device)
     try:
         specs = _specs(args)
-        model, preprocess, tokenizer = vlp.load_model(args.checkpoint or args.model, args.model, device=env.device)
+        model, preprocess, tokenizer = load_model(args.checkpoint or args.model, args.model, device=env.device)
         out = Path(args.output)
         ctx = EvalContext(
             env=env,
@@ -51,7 +51,7 @@ def run_eval_command(args) -> int:
         if env.is_main:
             print(format_table(results))
             print(f"vlp eval: results in {write_results(results, out)}")
-        backends.barrier(env)  # every rank done talking before any closes its connections
+        barrier(env)  # every rank done talking before any closes its connections
     finally:
-        backends.shutdown(env)
+        shutdown(env)
     return 0

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from vlp.train.backends import DistEnv, all_gather_objects
+from vlp.distributed import DistEnv, all_gather_objects
 
 
 def _assemble(parts: list[tuple[list[int], torch.Tensor]], n: int) -> tuple[torch.Tensor, list[int]]:

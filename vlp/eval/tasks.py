@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
+from vlp.distributed import all_gather_objects
 from vlp.eval.extract import image_features, text_features
 from vlp.eval.linear_probe import linear_probe
 from vlp.eval.retrieval import retrieval_chance, retrieval_metrics
 from vlp.eval.zeroshot import build_classifier, zeroshot_classify
-from vlp.train.backends import all_gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def counting(model, tokenizer, data, ctx: EvalContext) -> dict:
         "counts": list(COUNTS),
     }
     if ctx.plots_dir is not None and ctx.env.is_main:
-        from vlp.viz import plot_confusion
+        from vlp.eval.plots import plot_confusion
 
         out["confusion_png"] = str(plot_confusion(confusion, COUNTS, Path(ctx.plots_dir) / "counting_confusion.png"))
     return out

@@ -37,8 +37,8 @@ class ParityBatch:
 
 def parity_batch(source, batch: int = 2, captions: tuple[str, ...] = CAPTIONS, seed: int = 0) -> ParityBatch:
     """``batch`` seeded images at the source's resolution, ``captions`` as its token ids, its features."""
-    from vlp.data.tokenizer import get_tokenizer
     from vlp.models.registry import image_size
+    from vlp.models.tokenizer import get_tokenizer
 
     size = image_size(source.model)
     generator = torch.Generator().manual_seed(seed)

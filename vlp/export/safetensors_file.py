@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from vlp.config import ConfigError, ModelConfig, config_from_dict
+from vlp._version import __version__
+from vlp.checkpoint.files import load_state_dict_checked, read_file
+from vlp.checkpoint.safetensors_meta import FORMAT, exported_model_config
 from vlp.export.errors import ExportError
 
 FILE = "model.safetensors"
-FORMAT = "vlp-safetensors-v1"
 
 
 def plain_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -51,12 +52,10 @@ def write(source, out: Path) -> list[str]:
     """Write ``out/model.safetensors``; returns the file names written."""
     from safetensors.torch import save_file
 
-    import vlp
-
     metadata = {
         "format": "pt",
         "vlp_format": FORMAT,
-        "vlp_version": vlp.__version__,
+        "vlp_version": __version__,
         "architecture": source.name,
         "model_config": json.dumps(dataclasses.asdict(source.model_cfg)),
     }
@@ -64,35 +63,11 @@ def write(source, out: Path) -> list[str]:
     return [FILE]
 
 
-def exported_model_config(path: str | Path) -> ModelConfig | None:
-    """The ``ModelConfig`` in a vlp safetensors export's metadata; None for any other file.
-
-    Raises ExportError when the file says it is a vlp export but its config does not parse.
-    """
-    path = Path(path)
-    if path.suffix != ".safetensors" or not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception:  # not a safetensors file at all: the caller's reader reports that
-        return None
-    if metadata.get("vlp_format") != FORMAT:
-        return None
-    try:
-        return config_from_dict({"model": json.loads(metadata["model_config"])}, where=str(path)).model
-    except (KeyError, ValueError, ConfigError) as e:
-        raise ExportError(f"{path}: the model_config in its safetensors metadata is not readable ({e})") from None
-
-
 def load(path: str | Path, device: str = "cpu"):
     """Rebuild the model of a vlp safetensors export: ``(model, mean, std)``, as ``build_model``.
 
     Raises FileNotFoundError, ExportError (not a vlp export) or CheckpointError (weights do not fit).
     """
-    from vlp.models.loading import load_state_dict_checked, read_file
     from vlp.models.registry import build_model
 
     model_cfg = exported_model_config(path)

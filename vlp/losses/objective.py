@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from vlp.losses.contrastive import clip_loss
 from vlp.losses.hard_negatives import counting_loss, image_grounded_loss, pair_loss, text_grounded_loss
+from vlp.losses.itm import itm_loss
 from vlp.losses.regularizers import alignment_loss, uniformity_loss
 from vlp.losses.siglip import siglip_loss
-from vlp.models.itm import itm_loss
 
 
 class Objective:

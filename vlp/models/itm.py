@@ -20,7 +20,6 @@ Legend: B batch, L caption tokens, T image tokens, W decoder width.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 PAD_ID = 0
 
@@ -82,11 +81,6 @@ def itm_outputs(model, image_latent_BD, text_latent_BD, image_embs_BTW, token_em
     labels = torch.zeros(3 * b, dtype=torch.long, device=texts.device)
     labels[:b] = 1
     return {"itm_logits": model.itm_head(pooled_3BW), "itm_labels": labels}
-
-
-def itm_loss(logits_N2: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the matching classifier over all pairs (1 positive : 2 negatives)."""
-    return F.cross_entropy(logits_N2.float() if logits_N2.dtype != torch.float64 else logits_N2, labels_N)
 
 
 def add_itm_head(model: torch.nn.Module) -> torch.nn.Module:

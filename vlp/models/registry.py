@@ -124,7 +124,7 @@ def build_model(name, *, pretrained: str = "", device: str | torch.device = "cpu
 
         add_itm_head(model)
     if pretrained:
-        from vlp.models.loading import load_weights
+        from vlp.checkpoint import load_weights
 
         load_weights(model, pretrained, model_name=name)
     apply_model_options(model, mcfg)

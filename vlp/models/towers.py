@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from vlp.models.loading import CheckpointError, extract_state_dict, read_file
+from vlp.checkpoint import CheckpointError, extract_state_dict, read_file
 
 log = logging.getLogger(__name__)
 PKG = "pkg://"
@@ -88,7 +88,7 @@ def open_clip_config(mcfg) -> dict:
         cfg["preprocess_cfg"] = {"mean": tuple(v.mean), "std": tuple(v.std)} if v.mean and v.std else {}
     if t.hf_model_name_or_path:
         _require("transformers", "model.text.hf_model_name_or_path")
-        path = _hf_location(t.hf_model_name_or_path)
+        path = hf_location(t.hf_model_name_or_path)
         cfg["text_cfg"] = {
             "hf_model_name": path,
             "hf_tokenizer_name": path,
@@ -106,7 +106,7 @@ def _require(module: str, key: str) -> None:
         raise ModuleNotFoundError(f"{key} needs the '{module}' package: pip install {module} (or 'vlp[real]')")
 
 
-def _hf_location(spec: str) -> str:
+def hf_location(spec: str) -> str:
     """A local folder (``pkg://`` resolved) must exist and hold config.json; other names are hub ids."""
     looks_local = spec.startswith((PKG, "/", ".", "~")) or Path(spec).expanduser().exists()
     if not looks_local:
@@ -203,7 +203,7 @@ def load_trunk_weights(visual: torch.nn.Module, spec: str, match: str = "names")
         sd = mapped
     else:
         sd = {k: v for k, v in sd.items() if k in own or not k.startswith(CLASSIFIER_PREFIXES)}
-    from vlp.models.loading import load_state_dict_checked
+    from vlp.checkpoint import load_state_dict_checked
 
     load_state_dict_checked(trunk, sd, path, f"timm trunk {type(trunk).__name__}")
     log.info("loaded image trunk weights from %s (%d tensors, match=%s)", path, len(sd), match)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from vlp.checkpoint import CHECKPOINT_FORMAT, CheckpointError, read_file
 from vlp.config import ConfigError
-from vlp.models.loading import CHECKPOINT_FORMAT, CheckpointError, read_file
 from vlp.train.run_folder import older_to_delete
 
 log = logging.getLogger(__name__)

@@ -9,9 +9,9 @@ from vlp.data.extra_captions import ExtraCaptionSpec
 from vlp.data.images import ImagePolicy
 from vlp.data.shardlists import DataConfigError, check_readers, expand_urls, read_sizes
 from vlp.data.stream import StreamLoader, StreamSpec
-from vlp.data.tokenizer import get_tokenizer
 from vlp.data.transforms import draft_min_side, train_transform
 from vlp.models.registry import image_size
+from vlp.models.tokenizer import get_tokenizer
 
 log = logging.getLogger(__name__)
 

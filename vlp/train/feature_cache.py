@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from vlp.data.decode import SkipCounter, caption_variants, decode_caption
 from vlp.data.stream import _shard_samples, caption_norm
-from vlp.data.tokenizer import count_truncated
+from vlp.data.truncation import count_truncated
 from vlp.data.usable import NoUsableDataError
 
 log = logging.getLogger(__name__)
@@ -157,8 +157,8 @@ def build_feature_cache(model, urls, preprocess, tokenizer, env, *, cache_file: 
     Every rank encodes its share and all get the full cache (see :mod:`vlp.eval.extract`); the main
     rank saves it atomically to ``cache_file``.
     """
+    from vlp.distributed import all_gather_objects, barrier
     from vlp.eval.extract import image_features, text_features
-    from vlp.train.backends import all_gather_objects, barrier
     from vlp.train.checkpoint import atomic_write_bytes
 
     state = _read_cache(cache_file)

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import vlp
+from vlp.checkpoint import CheckpointError, load_state_dict_checked, training_state
 from vlp.config import Config, ConfigError, save_config
-from vlp.data.tokenizer import get_tokenizer
 from vlp.data.transforms import DeviceNormalize, eval_transform
+from vlp.distributed import DistEnv, all_gather_objects, barrier
 from vlp.losses import Objective
 from vlp.models.extras import ExtraTexts
-from vlp.models.loading import CHECKPOINT_FORMAT, CheckpointError, load_state_dict_checked
 from vlp.models.registry import build_model, image_size
+from vlp.models.tokenizer import get_tokenizer
 from vlp.models.towers import trainable_count
 from vlp.train import backends, run_folder
 from vlp.train.checkpoint import Checkpointer, check_resumable, data_state_of_rank, rng_states, set_rng_states
@@ -45,7 +45,7 @@ def _seed_everything(seed: int) -> None:
 class Trainer:
     """Trains ``cfg.model`` on ``cfg.data`` with ``cfg.loss``; see ``docs/configuration.md``."""
 
-    def __init__(self, cfg: Config, env: backends.DistEnv | None = None):
+    def __init__(self, cfg: Config, env: DistEnv | None = None):
         self.cfg = cfg
         self.env = env or backends.init_distributed(cfg.train)
         t, dev = cfg.train, self.env.device
@@ -103,7 +103,7 @@ class Trainer:
             self.out_dir / "checkpoints",
             self.cfg.train.keep_checkpoints,
             self.env.is_main,
-            lambda: backends.barrier(self.env),
+            lambda: barrier(self.env),
         )
         if self.env.is_main:
             z = ds_config["zero_optimization"]["stage"]
@@ -382,19 +382,17 @@ class Trainer:
                 )  # fmt: skip
 
     def save_checkpoint(self, data_state: dict | None = None) -> Path:
-        rng = backends.all_gather_objects(rng_states(self.env.device), self.env)
-        data = backends.all_gather_objects(data_state or self.loader.state_dict(), self.env)
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "vlp_version": vlp.__version__,
-            "step": self.step,
-            "config": self.cfg.to_dict(),
-            "rng": rng,
-            "data": data,
-            "world": self.env.world,
-            "validation": self.validator.state_dict(),
-            "guard": self.guard.state_dict(),
-        }
+        rng = all_gather_objects(rng_states(self.env.device), self.env)
+        data = all_gather_objects(data_state or self.loader.state_dict(), self.env)
+        state = training_state(
+            self.step,
+            self.cfg.to_dict(),
+            self.env.world,
+            rng=rng,
+            data=data,
+            validation=self.validator.state_dict(),
+            guard=self.guard.state_dict(),
+        )
         if self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
         if self.engine is None:  # DeepSpeed's engine saves the module, optimizer and schedule itself
@@ -407,7 +405,7 @@ class Trainer:
         try:
             path = self.checkpointer.save(self.step, state)
         finally:  # also when the write failed: the other ranks wait here
-            backends.barrier(self.env)
+            barrier(self.env)
         self.last_checkpoint = path
         return path
 
@@ -450,7 +448,7 @@ class Trainer:
         if self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out_dir / "config.yaml")
-        backends.barrier(self.env)
+        barrier(self.env)
 
     def finish(self) -> dict:
         getattr(self.loader, "close", lambda: None)()  # the training stream's persistent workers: done
@@ -480,5 +478,5 @@ class Trainer:
                 print(f"vlp: {truncated} caption(s) were longer than the model's {context}-token context and were cut")
             if self.guard.total:
                 print(f"vlp: skipped {self.guard.total} non-finite step(s) (loss or gradients; no update made)")
-        backends.barrier(self.env)  # every rank done talking before any tears down (backends.shutdown)
+        barrier(self.env)  # every rank done talking before any tears down (vlp.distributed.shutdown)
         return summary

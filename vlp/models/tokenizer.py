@@ -17,9 +17,9 @@ def get_tokenizer(model):
         return _named_tokenizer(model)
     t = model.text
     if t.hf_model_name_or_path:
-        from vlp.models.towers import _hf_location
+        from vlp.models.towers import hf_location
 
-        return _hf_tokenizer(_hf_location(t.hf_model_name_or_path), t.context_length)
+        return _hf_tokenizer(hf_location(t.hf_model_name_or_path), t.context_length)
     return _named_tokenizer(model.name)
 
 
@@ -38,28 +38,3 @@ def _hf_tokenizer(path: str, context_length: int):
     from open_clip.tokenizer import HFTokenizer
 
     return HFTokenizer(path, context_length=context_length)
-
-
-def count_truncated(tokenizer, texts: list[str], ids) -> int:
-    """How many of ``texts`` the tokenizer cut to fit its context: ``ids`` (``B x L``) is what it
-    returned for them. Only rows that fill the whole context are tokenized again, one token longer,
-    so the cost is small when few captions are long. 0 for a tokenizer that cannot be asked for
-    another context length."""
-    length = ids.shape[-1] if ids.dim() == 2 else 0
-    if not length or not len(texts):
-        return 0
-    pad = _pad_id(tokenizer)
-    full = (ids[:, -1] != pad).nonzero().flatten().tolist()
-    if not full:
-        return 0
-    try:
-        longer = tokenizer([texts[i] for i in full], context_length=length + 1)
-    except TypeError:
-        return 0
-    return int((longer[:, -1] != pad).sum())
-
-
-def _pad_id(tokenizer) -> int:
-    inner = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers one
-    pad = getattr(inner, "pad_token_id", None)
-    return int(pad) if pad is not None else 0

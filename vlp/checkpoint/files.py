@@ -1,16 +1,16 @@
-"""Loading weights: vlp checkpoints, open_clip checkpoint files, safetensors.
-
-Everything is read with ``torch.load(weights_only=True)`` or safetensors: a file that would need
-to execute code to load is refused.
-"""
+"""vlp's own checkpoint files, read safely: ``torch.load(weights_only=True)`` or safetensors only (a
+file that would need to run code to load is refused), the state dict found inside whatever wrapper
+it has, and loaded into a model strictly with an error that says what differs. Also the dict a
+training checkpoint holds (:func:`training_state`), so that its format lives in one place."""
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
 from pathlib import Path
 
 import torch
+
+from vlp._version import __version__
 
 CHECKPOINT_FORMAT = "vlp-checkpoint-v1"
 
@@ -115,79 +115,9 @@ def load_weights(model: torch.nn.Module, path: str | Path, model_name: str = "")
     load_state_dict_checked(model, extract_state_dict(read_file(path)), path, model_name)
 
 
-def load_model(path_or_name: str, model_name: str | None = None, device: str = "cpu"):
-    """Load a model for inference.
-
-    ``path_or_name`` is a vlp checkpoint (architecture read from its config), an open_clip
-    checkpoint or safetensors file (``model_name`` required), or an architecture name
-    (random init). Returns ``(model, preprocess, tokenizer)``: ``model.encode_image(pixels)`` and
-    ``model.encode_text(token_ids)`` return L2-normalised features, ``preprocess`` maps a PIL
-    image to a 3xHxW tensor, ``tokenizer(list[str])`` returns token ids.
-    """
-    from vlp.data.tokenizer import get_tokenizer
-    from vlp.data.transforms import eval_transform
-    from vlp.models.registry import build_model, image_size
-
-    path = Path(path_or_name)
-    if path.is_dir() and _is_deepspeed_dir(path):
-        from vlp.train.deepspeed_backend import read_as_vlp_checkpoint
-
-        obj = read_as_vlp_checkpoint(path)  # ZeRO shards consolidated to fp32
-        name = model_name or _architecture_of(obj, path)
-        model, mean, std = build_model(name)
-        load_state_dict_checked(model, extract_state_dict(obj), path, getattr(name, "name", name))
-    elif path.is_file():
-        obj = read_file(path)
-        exported = None if model_name else _exported_config(path)
-        if is_vlp_checkpoint(obj) and not model_name:
-            name = _architecture_of(obj, path)  # a ModelConfig: custom towers are rebuilt as trained
-        elif exported is not None:
-            name = architecture_only(exported)
-        elif not model_name:
-            raise CheckpointError(
-                f"{path} is not a vlp checkpoint: pass model_name (the open_clip architecture, e.g. 'ViT-B-32')"
-            )
-        else:
-            name = model_name
-        model, mean, std = build_model(name)
-        load_state_dict_checked(model, extract_state_dict(obj), path, getattr(name, "name", name))
-    elif "/" not in str(path_or_name) and not path.suffix and model_name in (None, str(path_or_name)):
-        name = str(path_or_name)  # an architecture name: random weights
-        model, mean, std = build_model(name)
-    else:
-        raise FileNotFoundError(f"checkpoint not found: {path_or_name}")
-    model = model.to(device).eval()
-    return model, eval_transform(image_size(model), mean, std), get_tokenizer(name)
-
-
-def _architecture_of(obj: dict, path):
-    """The ModelConfig a vlp checkpoint was trained with, set to build the architecture only: the
-    checkpoint holds every weight, so tower weight files and the init checkpoint are not read."""
-    from vlp.config import ConfigError, config_from_dict
-
-    try:
-        mcfg = config_from_dict(obj["config"], where=str(path)).model
-    except (ConfigError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: the config saved in the checkpoint is not readable ({e})") from None
-    return architecture_only(mcfg)
-
-
-def architecture_only(mcfg):
-    """``mcfg`` (a ModelConfig) set to build the architecture without reading any weight file: no
-    init checkpoint, no tower weights (the file being loaded holds every weight)."""
-    vision = dataclasses.replace(mcfg.vision, weights="")
-    text = dataclasses.replace(mcfg.text, pretrained=False)
-    return dataclasses.replace(mcfg, pretrained="", vision=vision, text=text)
-
-
-def _is_deepspeed_dir(path: Path) -> bool:
-    from vlp.train.deepspeed_backend import is_deepspeed_checkpoint
-
-    return is_deepspeed_checkpoint(path)
-
-
-def _exported_config(path: Path):
-    """The architecture in a ``vlp export --format safetensors`` file's metadata (None otherwise)."""
-    from vlp.export.safetensors_file import exported_model_config
-
-    return exported_model_config(path)
+def training_state(step: int, config: dict, world: int, **parts) -> dict:
+    """The dict a vlp training checkpoint holds: ``format`` (:data:`CHECKPOINT_FORMAT`), the vlp
+    version, the step, the resolved config (``Config.to_dict()``), the world size, and ``parts``
+    (model, optimizer, scheduler and scaler state dicts, data positions, RNG states, ...)."""
+    return {"format": CHECKPOINT_FORMAT, "vlp_version": __version__, "step": step, "config": config,
+            "world": world, **parts}  # fmt: skip

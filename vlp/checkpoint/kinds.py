@@ -1,0 +1,110 @@
+"""What a path given as a checkpoint holds: :func:`resolve` tells the kinds apart, reads the weights
+safely and says which architecture rebuilds them. `vlp.load_model`, `vlp eval`, `vlp export` and
+`vlp caption` all go through it; a new kind of input is a new branch here and nowhere else.
+
+Kinds, in the order they are tried:
+
+- ``vlp DeepSpeed checkpoint``: a DeepSpeed step folder (or checkpoints folder: its ``latest``),
+  ZeRO shards consolidated to fp32; the architecture is the saved config's;
+- ``vlp checkpoint``: a training checkpoint file (``format: vlp-checkpoint-v1``); the saved config's;
+- ``vlp safetensors export``: ``vlp export --format safetensors``; the config in its metadata;
+- ``open_clip checkpoint``: any other weights file (``state_dict`` wrapped or bare, ``module.``
+  prefixes stripped); the architecture must be named.
+
+A named architecture (``model_name``) overrides the one a file carries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlp.checkpoint.deepspeed import is_deepspeed_checkpoint, read_as_vlp_checkpoint
+from vlp.checkpoint.files import CheckpointError, extract_state_dict, is_vlp_checkpoint, read_file
+from vlp.checkpoint.safetensors_meta import exported_model_config
+from vlp.config import ConfigError, ModelConfig, config_from_dict
+
+KINDS = ("vlp DeepSpeed checkpoint", "vlp checkpoint", "vlp safetensors export", "open_clip checkpoint")
+
+
+class NotACheckpoint(CheckpointError):
+    """A folder that is no checkpoint of any kind vlp reads."""
+
+
+class ArchitectureNeeded(CheckpointError):
+    """A plain weights file: which architecture it belongs to must be given."""
+
+
+@dataclass
+class Resolved:
+    """What :func:`resolve` found: ``kind`` (one of :data:`KINDS`), the ``model_cfg`` that rebuilds
+    the architecture (every weight file it names set aside: ``state_dict`` holds them all), the
+    weights, and ``checkpoint``: the whole dict of a vlp training checkpoint (step, config, ...)
+    or None. ``preprocess`` is the image preprocessing the weights' source prescribes, where it
+    prescribes one (None: the architecture's own)."""
+
+    path: Path
+    kind: str
+    model_cfg: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    checkpoint: dict | None = None
+    preprocess: dict | None = None
+
+
+def resolve(path: str | Path, model_name: str | None = None) -> Resolved:
+    """Read the checkpoint at ``path`` (see the module docstring for the kinds).
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        NotACheckpoint: a folder of none of the kinds (the message lists them).
+        ArchitectureNeeded: a plain weights file and no ``model_name``.
+        CheckpointError: unreadable, unsafe to unpickle, or a saved config that does not parse.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not is_deepspeed_checkpoint(path):
+            raise NotACheckpoint(
+                f"{path} is a folder but not a DeepSpeed checkpoint written by vlp (no step_* folder with "
+                "vlp_complete.json); expected a vlp checkpoint file (runs/NAME/checkpoints/step_*.pt), a DeepSpeed "
+                "step or checkpoints folder, or an open_clip .pt/.bin/.safetensors file with its architecture"
+            )
+        obj, kind, saved = read_as_vlp_checkpoint(path), KINDS[0], None
+    elif not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    else:
+        obj = read_file(path)
+        saved = None if is_vlp_checkpoint(obj) else exported_model_config(path)
+        kind = KINDS[1] if is_vlp_checkpoint(obj) else KINDS[2] if saved is not None else KINDS[3]
+    if model_name:
+        model_cfg = ModelConfig(name=model_name)
+    elif is_vlp_checkpoint(obj):
+        model_cfg = architecture_of(obj, path)
+    elif saved is not None:
+        model_cfg = architecture_only(saved)
+    else:
+        raise ArchitectureNeeded(
+            f"{path} is not a vlp checkpoint: pass model_name (the open_clip architecture, e.g. 'ViT-B-32'); "
+            f"tried: {', '.join(KINDS[:3])} (their architecture is inside), and {KINDS[3]} (needs it named)"
+        )
+    checkpoint = obj if is_vlp_checkpoint(obj) else None
+    return Resolved(path, kind, model_cfg, extract_state_dict(obj), checkpoint)
+
+
+def architecture_of(obj: dict, path) -> ModelConfig:
+    """The ModelConfig a vlp checkpoint was trained with, set to build the architecture only."""
+    try:
+        mcfg = config_from_dict(obj["config"], where=str(path)).model
+    except (ConfigError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: the config saved in the checkpoint is not readable ({e})") from None
+    return architecture_only(mcfg)
+
+
+def architecture_only(mcfg: ModelConfig) -> ModelConfig:
+    """``mcfg`` set to build the architecture without reading any weight file: no init checkpoint,
+    no tower weights (the file being loaded holds every weight)."""
+    vision = dataclasses.replace(mcfg.vision, weights="")
+    text = dataclasses.replace(mcfg.text, pretrained=False)
+    return dataclasses.replace(mcfg, pretrained="", vision=vision, text=text)
