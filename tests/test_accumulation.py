@@ -16,7 +16,7 @@ from vlp.distributed import DistEnv
 from vlp.losses import Objective, clip_loss
 from vlp.losses.regularizers import alignment_loss, uniformity_loss
 from vlp.models.registry import build_model
-from vlp.train.backends import wrap_model
+from vlp.train.plain_backend import wrap_model
 from vlp.train.step import forward_backward
 
 SCALER = torch.amp.GradScaler("cpu", enabled=False)

@@ -12,7 +12,8 @@ from PIL import Image
 
 from tests.conftest import run_main
 from vlp.eval.captioning import MissingDependencyError, caption_scores, normalize_caption
-from vlp.eval.datasets import EvalDataError, load_eval_data
+from vlp.eval.datasets import EvalDataError
+from vlp.eval.registry import load_eval_data
 
 
 def test_normalize_caption_lowercases_and_drops_punctuation():

@@ -49,7 +49,7 @@ def test_a_safetensors_export(debug_model, tmp_path):
 def test_an_open_clip_file_needs_its_architecture(debug_model, tmp_path):
     path = tmp_path / "open_clip.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in debug_model.state_dict().items()}}, path)
-    with pytest.raises(ArchitectureNeeded, match="pass model_name.*tried: " + ", ".join(KINDS[:3])):
+    with pytest.raises(ArchitectureNeeded, match="pass model_name.*tried: " + ", ".join(KINDS[:4])):
         resolve(path)
     found = resolve(path, "debug")
     assert found.kind == "open_clip checkpoint" and _same(found.state_dict, debug_model.state_dict())

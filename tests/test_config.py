@@ -36,7 +36,7 @@ def test_yaml_file_then_overrides(tmp_path):
         ("data:\n  batch_size: many\n", r"c\.yaml: key 'data\.batch_size' expects an integer, got 'many'"),
         (
             "train:\n  backend: mpi\n",
-            r"key 'train\.backend' expects one of 'auto', 'single', 'ddp', 'deepspeed', got 'mpi'",
+            r"key 'train\.backend' expects one of 'auto', 'single', 'ddp', 'deepspeed', 'fsdp', got 'mpi'",
         ),
         ("data:\n  batch_size: -4\n", r"c\.yaml: config key 'data\.batch_size' = -4 must be >= 1"),
         ("modle:\n  name: x\n", r"unknown key 'modle' \(did you mean 'model'\?\)"),

@@ -15,16 +15,15 @@ from vlp.data.shards import write_synthetic_shards
 from vlp.eval.datasets import (
     EvalDataError,
     ImageList,
-    find_number,
     load_classification,
     load_classnames,
-    load_compositional,
-    load_counting,
-    load_eval_data,
     load_retrieval,
     load_templates,
 )
+from vlp.eval.registry import load_eval_data
 from vlp.eval.synthetic_layouts import describes, export_eval_layouts, negatives, size_flags, size_swap
+from vlp.eval.tasks.compositional import load_compositional
+from vlp.eval.tasks.counting import find_number, load_counting
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -15,7 +15,7 @@ from PIL import Image
 from tests.conftest import png_bytes, run_cli, run_main, write_tar
 from tests.distributed import run_distributed
 from vlp.distributed import DistEnv
-from vlp.eval.datasets import EvalDataError, load_eval_data, load_linear_probe
+from vlp.eval.datasets import EvalDataError
 from vlp.eval.linear_probe import (
     INITIAL_INDICES,
     WEIGHT_DECAYS,
@@ -24,7 +24,8 @@ from vlp.eval.linear_probe import (
     split_train_val,
     train_linear,
 )
-from vlp.eval.tasks import EvalContext, get_task
+from vlp.eval.registry import EvalContext, get_task, load_eval_data
+from vlp.eval.tasks.linear_probe import load_linear_probe
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 COLORS |= {"purple": (140, 30, 160), "white": (245, 245, 245)}
@@ -292,7 +293,7 @@ def _to_tensor(image):
 
 def _probe_rank(rank, world, root):
     ctx = EvalContext(env=DistEnv(rank=rank, world=world), preprocess=_to_tensor, batch_size=8)
-    return get_task("linear_probe")(PooledPixels(), None, load_linear_probe(root), ctx)
+    return get_task("linear_probe").run(PooledPixels(), None, load_linear_probe(root), ctx)
 
 
 def test_every_rank_reports_the_single_process_result(tmp_path):

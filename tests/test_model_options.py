@@ -107,7 +107,7 @@ def test_compile_wraps_only_the_training_forward(tmp_path, monkeypatch):
         overrides = ["train.device=cpu", f"train.output_dir={tmp_path / str(compiled)}", "eval.tasks=[]",
                      "data.batch_size=4", f"train.compile={str(compiled).lower()}", "train.accum_steps=2"]  # fmt: skip
         trainer = trainer_module.Trainer(load_config(None, overrides))
-        assert isinstance(trainer.ddp_model, torch._dynamo.eval_frame.OptimizedModule) == compiled
+        assert isinstance(trainer.backend.module, torch._dynamo.eval_frame.OptimizedModule) == compiled
         assert not isinstance(trainer.model, torch._dynamo.eval_frame.OptimizedModule)
         image, text = _inputs(trainer.model)
         micro = [{"image": image[:2], "text": text[:2], "caption": [""] * 2},

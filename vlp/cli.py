@@ -81,15 +81,29 @@ def _add_negatives(sub) -> None:
     p.add_argument("--lm-batch-size", type=positive_int, default=16)
 
 
+class _EvalHelpFormatter(argparse.HelpFormatter):
+    """Names the registered eval tasks under ``--task`` when help is printed: importing the task
+    modules (torch) while building the parser would slow every ``vlp`` command by seconds."""
+
+    def _get_help_string(self, action) -> str:
+        if action.dest != "task":
+            return super()._get_help_string(action)
+        from vlp.eval.registry import registered_tasks
+
+        names = []
+        for task in registered_tasks().values():
+            notes = [f"alias {alias}" for alias in task.aliases] + ([task.note] if task.note else [])
+            names.append(task.name + (f" ({'; '.join(notes)})" if notes else ""))
+        return " | ".join(names).replace("%", "%%") + " (repeatable)"
+
+
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint (torchrun: python -m vlp.eval shards the data)")
-    p.add_argument(
-        "--task",
-        action="append",
-        required=True,
-        help="zeroshot_classification | zeroshot_retrieval | compositional | counting | linear_probe | captioning "
-        "(CoCa models; needs pycocoevalcap) (repeatable)",
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint (torchrun: python -m vlp.eval shards the data)",
+        formatter_class=_EvalHelpFormatter,
     )
+    p.add_argument("--task", action="append", required=True, help="a registered eval task (repeatable)")
     p.add_argument(
         "--data", action="append", required=True, help="data of each --task, in order (one --data serves every task)"
     )

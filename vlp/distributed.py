@@ -78,12 +78,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def init_process(device: str = "auto", timeout_s: float = 1800) -> DistEnv:
-    """This process's DistEnv; with several processes the default group is started (gloo on CPU,
-    nccl on GPU) unless it already runs."""
+def init_process(device: str = "auto", timeout_s: float = 1800, group_of_one: bool = False) -> DistEnv:
+    """This process's DistEnv; with several processes (or ``group_of_one``) the default group is
+    started (gloo on CPU, nccl on GPU) unless it already runs."""
     world, local_rank = launcher_env()
     env_device = resolve_device(device, local_rank)
-    if world == 1:
+    if world == 1 and not group_of_one:
         return DistEnv(device=env_device)
     if not dist.is_initialized():
         backend = "nccl" if env_device.type == "cuda" else "gloo"

@@ -67,7 +67,19 @@ def weights_only_loads():
 def is_deepspeed_checkpoint(path: str | Path) -> bool:
     """A step folder written by this backend (or a checkpoints folder holding them)."""
     path = Path(path)
-    return path.is_dir() and ((path / MARKER).is_file() or (path / "latest").is_file() and complete_tags(path) != [])
+    if not path.is_dir():
+        return False
+    if (path / MARKER).is_file():
+        return _backend_of(path) == "deepspeed"
+    return (path / "latest").is_file() and any(_backend_of(t) == "deepspeed" for t in complete_tags(path))
+
+
+def _backend_of(tag: Path) -> str:
+    """The backend that wrote a step folder (markers written before the name was recorded: DeepSpeed's)."""
+    try:
+        return json.loads((tag / MARKER).read_text()).get("backend", "deepspeed")
+    except (OSError, ValueError):
+        return ""
 
 
 def complete_tags(folder: Path) -> list[Path]:

@@ -4,6 +4,8 @@ safely and says which architecture rebuilds them. `vlp.load_model`, `vlp eval`, 
 
 Kinds, in the order they are tried:
 
+- ``vlp FSDP checkpoint``: an FSDP step folder (or checkpoints folder: its ``latest``), the sharded
+  weights consolidated; the architecture is the saved config's;
 - ``vlp DeepSpeed checkpoint``: a DeepSpeed step folder (or checkpoints folder: its ``latest``),
   ZeRO shards consolidated to fp32; the architecture is the saved config's;
 - ``vlp checkpoint``: a training checkpoint file (``format: vlp-checkpoint-v1``); the saved config's;
@@ -24,10 +26,18 @@ import torch
 
 from vlp.checkpoint.deepspeed import is_deepspeed_checkpoint, read_as_vlp_checkpoint
 from vlp.checkpoint.files import CheckpointError, extract_state_dict, is_vlp_checkpoint, read_file
+from vlp.checkpoint.fsdp import fsdp_tag
+from vlp.checkpoint.fsdp import read_as_vlp_checkpoint as read_fsdp
 from vlp.checkpoint.safetensors_meta import exported_model_config
 from vlp.config import ConfigError, ModelConfig, config_from_dict
 
-KINDS = ("vlp DeepSpeed checkpoint", "vlp checkpoint", "vlp safetensors export", "open_clip checkpoint")
+KINDS = (
+    "vlp FSDP checkpoint",
+    "vlp DeepSpeed checkpoint",
+    "vlp checkpoint",
+    "vlp safetensors export",
+    "open_clip checkpoint",
+)
 
 
 class NotACheckpoint(CheckpointError):
@@ -65,19 +75,23 @@ def resolve(path: str | Path, model_name: str | None = None) -> Resolved:
     """
     path = Path(path)
     if path.is_dir():
-        if not is_deepspeed_checkpoint(path):
+        if fsdp_tag(path) is not None:
+            obj, kind, saved = read_fsdp(path), KINDS[0], None
+        elif is_deepspeed_checkpoint(path):
+            obj, kind, saved = read_as_vlp_checkpoint(path), KINDS[1], None
+        else:
             raise NotACheckpoint(
-                f"{path} is a folder but not a DeepSpeed checkpoint written by vlp (no step_* folder with "
-                "vlp_complete.json); expected a vlp checkpoint file (runs/NAME/checkpoints/step_*.pt), a DeepSpeed "
-                "step or checkpoints folder, or an open_clip .pt/.bin/.safetensors file with its architecture"
+                f"{path} is a folder but not a DeepSpeed checkpoint (nor an FSDP one) written by vlp (no step_* "
+                "folder with vlp_complete.json); expected a vlp checkpoint file (runs/NAME/checkpoints/step_*.pt), "
+                "a DeepSpeed or FSDP step or checkpoints folder, or an open_clip .pt/.bin/.safetensors file with "
+                "its architecture"
             )
-        obj, kind, saved = read_as_vlp_checkpoint(path), KINDS[0], None
     elif not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     else:
         obj = read_file(path)
         saved = None if is_vlp_checkpoint(obj) else exported_model_config(path)
-        kind = KINDS[1] if is_vlp_checkpoint(obj) else KINDS[2] if saved is not None else KINDS[3]
+        kind = KINDS[2] if is_vlp_checkpoint(obj) else KINDS[3] if saved is not None else KINDS[4]
     if model_name:
         model_cfg = ModelConfig(name=model_name)
     elif is_vlp_checkpoint(obj):
@@ -87,7 +101,7 @@ def resolve(path: str | Path, model_name: str | None = None) -> Resolved:
     else:
         raise ArchitectureNeeded(
             f"{path} is not a vlp checkpoint: pass model_name (the open_clip architecture, e.g. 'ViT-B-32'); "
-            f"tried: {', '.join(KINDS[:3])} (their architecture is inside), and {KINDS[3]} (needs it named)"
+            f"tried: {', '.join(KINDS[:4])} (their architecture is inside), and {KINDS[4]} (needs it named)"
         )
     checkpoint = obj if is_vlp_checkpoint(obj) else None
     return Resolved(path, kind, model_cfg, extract_state_dict(obj), checkpoint)

@@ -264,10 +264,11 @@ class TrainConfig:
         "Micro-batches per optimizer step; the contrastive loss spans all of them (exact, cached features).",
     )
     logit_scale_max: float = _f(100.0, "Upper clamp of the learned logit scale (as the multiplier).")
-    backend: Literal["auto", "single", "ddp", "deepspeed"] = _f(
+    backend: Literal["auto", "single", "ddp", "deepspeed", "fsdp"] = _f(
         "auto",
         "`auto`: DDP when launched with several processes (torchrun/SLURM), else one; `single`; `ddp`; "
-        "`deepspeed` (ZeRO, see `train.deepspeed`).",
+        "`deepspeed` (ZeRO, see `train.deepspeed`); `fsdp` (torch's FSDP2 `fully_shard`: parameters, gradients "
+        "and optimizer state sharded over the processes).",
     )
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     dist_timeout_s: int = _f(1800, "Timeout of collective operations in seconds (a dead rank fails the others).")
@@ -310,7 +311,7 @@ class TrainConfig:
 class EvalConfig:
     tasks: list[str] = _f(
         ["zeroshot_classification", "zeroshot_retrieval"],
-        "Eval tasks: zeroshot_classification, zeroshot_retrieval, compositional, counting, linear_probe.",
+        "Eval tasks, by name or alias (`vlp eval --help` lists the registered ones).",
     )
     data: list[str] = _f([], "Data of each eval task, in the order of `tasks` (empty = `data.val_shards`).")
     batch_size: int = _f(256, "Batch size of feature extraction.")

@@ -8,8 +8,8 @@ from vlp.config import ConfigError
 from vlp.data.images import ImagePolicy
 from vlp.distributed import barrier, init_process, shutdown
 from vlp.eval.datasets import MAX_IMAGE_PIXELS
+from vlp.eval.registry import EvalContext
 from vlp.eval.run import build_specs, evaluate_tasks, format_table, write_results
-from vlp.eval.tasks import EvalContext
 
 
 def _specs(args) -> list:

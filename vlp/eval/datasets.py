@@ -1,4 +1,5 @@
-"""Evaluation data layouts (ImageFolder, JSONL, SugarCrepe JSON, WebDataset, train/test pairs) -> :class:`EvalData`.
+"""Evaluation data layouts shared by the tasks (ImageFolder, JSONL, WebDataset) -> :class:`EvalData`,
+and the row helpers the tasks' own loaders (in :mod:`vlp.eval.tasks`) build on.
 
 ``EvalData.images`` holds absolute path strings, or for WebDataset layouts the raw encoded bytes
 (eval sets are small: holding the bytes saves a second pass over the tars); :class:`ImageList`
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,6 @@ from vlp.data.textfiles import read_text, text_lines
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")  # shard members tried, in order, for the image
 IMAGE_EXTENSIONS = tuple(f".{k}" for k in IMAGE_KEYS)
 MAX_IMAGE_PIXELS = 50_000_000
-NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten"}
 PathSpec = str | os.PathLike | Sequence[str]
 # (where, image path or bytes, record): the record maps EvalData list fields to this row's value,
 # or is a skip kind (str) when the row is unusable.
@@ -45,9 +43,9 @@ class EvalData:
     images: list
     labels: list[int] | None = None  # zeroshot_classification: class index per image
     classnames: list[str] | None = None  # zeroshot_classification
-    templates: list | None = None  # zeroshot_classification: found beside the data, else None
-    captions: list[str] | None = None  # retrieval: all captions flattened; counting: one per image
-    text_to_image: list[int] | None = None  # retrieval: image index of each caption
+    templates: list | None = None  # zeroshot_classification: --templates, else found beside the data, else None
+    captions: list[str] | None = None  # retrieval, captioning: all captions flattened; counting: one per image
+    text_to_image: list[int] | None = None  # retrieval, captioning: image index of each caption
     positives: list[str] | None = None  # compositional
     negatives: list[list[str]] | None = None  # compositional
     types: list[str | None] | None = None  # compositional
@@ -98,15 +96,6 @@ class ImageList(Dataset):
         indices = torch.tensor([i for i, _ in good], dtype=torch.long)
         images = torch.stack([x for _, x in good]) if good else torch.empty(0)
         return indices, images, [(i, kind) for i, x, kind in batch if x is None]
-
-
-def find_number(caption: str, count: int) -> tuple[int, int] | None:
-    """Span ``(start, end)`` of the first whole word of ``caption`` naming ``count`` (an int 2..10):
-    its digits or its word, any case (``"13"``/``"3rd"`` do not match 3); else None."""
-    if type(count) is not int or count not in NUMBER_WORDS:  # type(): a bool is no count
-        return None
-    match = re.search(rf"\b(?:{count}|{NUMBER_WORDS[count]})\b", caption, flags=re.IGNORECASE)
-    return match.span() if match else None
 
 
 def _read_lines(path: Path, what: str) -> list[tuple[int, str]]:
@@ -160,9 +149,11 @@ def load_templates(spec: str | os.PathLike | Sequence) -> list:
     return [template for _, template in rows]
 
 
-def _collect(source, name: str, rows: Iterable[Row], skips: SkipCounter | None = None, **extra) -> EvalData:
-    """Rows -> EvalData; a list under ``captions`` is flattened (with ``text_to_image``).
-    Raises EvalDataError when no row is usable."""
+def collect(source, name: str, rows: Iterable[Row], skips: SkipCounter | None = None, **extra) -> EvalData:
+    """Rows -> EvalData named ``name``: a record's values are appended to the EvalData fields of their
+    keys (a list under ``captions`` is flattened, with ``text_to_image``); a str record, or an image
+    path that is no file (``missing_image``), is counted in ``skips``; ``extra`` are fields of the
+    whole set. Raises EvalDataError naming ``source`` when no row is usable."""
     skips, lists, images = skips or SkipCounter(), {}, []
     for where, image, record in rows:
         if not isinstance(record, str) and isinstance(image, str) and not os.path.isfile(image):
@@ -238,7 +229,7 @@ def _classification_shards(path: PathSpec, urls: list[str], classnames, template
     templates = load_templates(templates) if templates else None
     skips = SkipCounter()
     rows = _shard_rows(urls, skips, label)
-    return _collect(path, Path(urls[0]).parent.name, rows, skips, classnames=names, templates=templates)
+    return collect(path, Path(urls[0]).parent.name, rows, skips, classnames=names, templates=templates)
 
 
 def _classification_folder(root: Path, classnames, templates) -> EvalData:
@@ -260,7 +251,7 @@ def _classification_folder(root: Path, classnames, templates) -> EvalData:
     files = [(label, f) for label, folder in enumerate(folders) for f in sorted(folder.rglob("*"))]
     rows = [(str(f), os.path.abspath(f), {"labels": k}) for k, f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
     templates = load_templates(templates) if templates is not None else None
-    return _collect(root, root.name, rows, classnames=names, templates=templates)
+    return collect(root, root.name, rows, classnames=names, templates=templates)
 
 
 def load_classification(path: PathSpec, classnames=None, templates=None) -> EvalData:
@@ -278,44 +269,7 @@ def load_classification(path: PathSpec, classnames=None, templates=None) -> Eval
     return _classification_folder(Path(path), classnames, templates)
 
 
-def _split_source(folder: Path) -> PathSpec:
-    """The ``.tar`` shards directly in ``folder`` (sorted) if it has any, else the folder itself."""
-    return sorted(str(p) for p in folder.glob("*.tar")) or folder
-
-
-def load_linear_probe(path: str | os.PathLike) -> EvalData:
-    """``path/train`` and ``path/test``, each a :func:`load_classification` layout (an ImageFolder,
-    or a folder of ``.tar`` shards with ``_info.json``) -> the images of both (train first),
-    labels, classnames and ``split`` ("train"/"test" per image); skip counts are summed.
-
-    Raises EvalDataError: ``path`` or a split folder not found, class names that differ between
-    the splits (in number or order), or as :func:`load_classification` for either split.
-    """
-    root = Path(path)
-    parts = {}
-    for split in ("train", "test"):
-        if not (root / split).is_dir():
-            raise EvalDataError(f"{root / split}: not found (linear_probe data is a folder with train/ and test/)")
-        parts[split] = load_classification(_split_source(root / split))
-    train, test = parts["train"].classnames, parts["test"].classnames
-    if train != test:
-        if len(train) != len(test):
-            problem = f"{len(train)} classes in train/ but {len(test)} in test/"
-        else:
-            c = next(c for c, (a, b) in enumerate(zip(train, test)) if a != b)
-            problem = f"class {c} is {train[c]!r} in train/ but {test[c]!r} in test/"
-        raise EvalDataError(f"{root}: the class names of train/ and test/ must agree: {problem}")
-    return EvalData(
-        images=[image for part in parts.values() for image in part.images],
-        labels=[label for part in parts.values() for label in part.labels],
-        classnames=train,
-        split=[split for split, part in parts.items() for _ in part.images],
-        skipped=dict(Counter(parts["train"].skipped) + Counter(parts["test"].skipped)),
-        name=root.name,
-    )
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
     """("file:line", object) per non-blank line; EvalDataError on a missing file, bad JSON or a
     byte that is not UTF-8."""
     if not path.is_file():
@@ -332,11 +286,11 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
         yield f"{path}:{lineno}", row
 
 
-def _get(row: dict, key: str, kind: type, where: str, alt: str = ""):
+def get_field(row: dict, key: str, kind: type, where: str, alt: str = ""):
     """``row[key]`` (else ``[row[alt]]``, a str) checked to be ``kind`` (a list: of str).
     Raises EvalDataError naming ``where`` if it is missing or of another type."""
     if alt and key not in row:
-        return [_get(row, alt, str, where)]
+        return [get_field(row, alt, str, where)]
     value = row.get(key)
     if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
         wanted = "list of str" if kind is list else kind.__name__
@@ -344,9 +298,9 @@ def _get(row: dict, key: str, kind: type, where: str, alt: str = ""):
     return value
 
 
-def _image(row: dict, key: str, root: Path, where: str) -> str:
+def image_path(row: dict, key: str, root: Path, where: str) -> str:
     """Absolute path of the row's image; a relative path is taken from ``root``."""
-    path = Path(_get(row, key, str, where)).expanduser()
+    path = Path(get_field(row, key, str, where)).expanduser()
     return os.path.abspath(path if path.is_absolute() else root / path)
 
 
@@ -373,93 +327,14 @@ def load_retrieval(path: PathSpec) -> EvalData:
     """
     if (urls := _shard_urls(path)) is not None:
         skips = SkipCounter()
-        return _collect(path, Path(urls[0]).parent.name, _shard_rows(urls, skips, _shard_captions), skips)
+        return collect(path, Path(urls[0]).parent.name, _shard_rows(urls, skips, _shard_captions), skips)
     path = Path(path)
     rows = (
-        (where, _image(row, "image", path.parent, where), _captions(_get(row, "captions", list, where, "caption")))
-        for where, row in _jsonl_rows(path)
+        (
+            where,
+            image_path(row, "image", path.parent, where),
+            _captions(get_field(row, "captions", list, where, "caption")),
+        )
+        for where, row in jsonl_rows(path)
     )
-    return _collect(path, path.stem, rows)
-
-
-def _sugarcrepe_rows(path: Path, images_root: Path) -> Iterator[Row]:
-    """Rows of SugarCrepe's ``{id: {"filename", "caption", "negative_caption"}}``; type = stem."""
-    try:
-        text = read_text(path, error=EvalDataError)
-    except OSError as e:
-        raise EvalDataError(f"{path}: cannot read SugarCrepe JSON: {e}") from None
-    try:
-        entries = json.loads(text)
-    except ValueError as e:
-        raise EvalDataError(f"{path}: cannot read SugarCrepe JSON: {e}") from None
-    if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
-        raise EvalDataError(f"{path}: expected SugarCrepe's {{id: {{filename, caption, negative_caption}}}}")
-    for key, entry in entries.items():
-        where = f"{path}[{key!r}]"
-        record = {"positives": _get(entry, "caption", str, where), "types": path.stem}
-        record["negatives"] = [_get(entry, "negative_caption", str, where)]
-        yield where, _image(entry, "filename", images_root, where), record
-
-
-def load_compositional(path: str | os.PathLike, images_root: str | os.PathLike | None = None) -> EvalData:
-    """JSONL rows or a SugarCrepe ``.json`` file -> images, positives, negatives, types.
-    JSONL: ``{"image", "positive", "negatives": [str] (or "negative": str), "type": str?}``.
-    Images are relative to ``images_root`` (default: the file's folder); rows with a missing
-    image are skipped and counted (``missing_image``). Raises EvalDataError: file not found,
-    malformed JSON, a field missing or of the wrong type, empty negatives, no usable row.
-    """
-    path = Path(path)
-    root = Path(images_root) if images_root is not None else path.parent
-
-    def rows() -> Iterator[Row]:
-        for where, row in _jsonl_rows(path):
-            record = {"positives": _get(row, "positive", str, where)}
-            record["negatives"] = _get(row, "negatives", list, where, alt="negative")
-            if not record["negatives"]:
-                raise EvalDataError(f"{where}: 'negatives' is empty")
-            record["types"] = _get(row, "type", str, where) if row.get("type") is not None else None
-            yield where, _image(row, "image", root, where), record
-
-    return _collect(path, path.stem, _sugarcrepe_rows(path, root) if path.suffix.lower() == ".json" else rows())
-
-
-def load_counting(path: str | os.PathLike) -> EvalData:
-    """JSONL ``{"image", "caption", "count"}`` -> images, captions, counts.
-    Skipped and counted: a count that is not an int in 2..10 (``bad_count``), a caption without
-    the count's digits or word (``caption_without_number``, see :func:`find_number`), a missing
-    image (``missing_image``). Raises EvalDataError: file not found, malformed line,
-    ``image``/``caption`` not a str, no usable row.
-    """
-    path = Path(path)
-
-    def rows() -> Iterator[Row]:
-        for where, row in _jsonl_rows(path):
-            caption, count = _get(row, "caption", str, where).strip(), row.get("count")
-            bad = "bad_count" if type(count) is not int or count not in NUMBER_WORDS else "caption_without_number"
-            record = {"captions": caption, "counts": count} if find_number(caption, count) else bad
-            yield where, _image(row, "image", path.parent, where), record
-
-    return _collect(path, path.stem, rows())
-
-
-def load_captioning(path: PathSpec) -> EvalData:
-    """Reference captions per image: the :func:`load_retrieval` layouts, one row per image.
-    JSONL ``{"image": path, "captions": [str, ...]}`` (or ``"caption": str``), images relative to
-    the file's folder; or shards with ``txt`` or a json ``captions`` list. The same rows are
-    skipped and counted and the same errors raised as for retrieval.
-    """
-    return load_retrieval(path)
-
-
-# task name -> loader (retrieval is an alias of zeroshot_retrieval)
-LOADERS = {"zeroshot_classification": load_classification, "zeroshot_retrieval": load_retrieval}
-LOADERS |= {"retrieval": load_retrieval, "compositional": load_compositional, "counting": load_counting}
-LOADERS |= {"linear_probe": load_linear_probe, "captioning": load_captioning}
-
-
-def load_eval_data(task: str, path: PathSpec, **kwargs) -> EvalData:
-    """Load ``path`` with the loader of ``task`` (a key of :data:`LOADERS`); kwargs go to it.
-    Raises EvalDataError for an unknown task, or as the task's loader."""
-    if task not in LOADERS:
-        raise EvalDataError(f"unknown eval task {task!r}; choose from {', '.join(sorted(LOADERS))}")
-    return LOADERS[task](path, **kwargs)
+    return collect(path, path.stem, rows)

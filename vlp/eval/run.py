@@ -10,55 +10,43 @@ import json
 import logging
 from pathlib import Path
 
-from vlp.eval.tasks import EvalContext, get_task
+from vlp.eval.datasets import EvalData
+from vlp.eval.registry import EvalContext, EvalTask, get_task, registered_tasks
 
 log = logging.getLogger(__name__)
 
 
-def build_specs(tasks, paths, *, classnames=None, templates=None, images_root=None) -> list:
-    """``(task, EvalData, templates)`` for each task and its data path, read once.
+def build_specs(tasks, paths, **options) -> list[tuple[EvalTask, EvalData]]:
+    """``(task, EvalData)`` for each task name (or alias) and its data path, the data read once.
 
-    Unknown task names fail before any data is read. Zero-shot templates: ``templates`` if given,
-    else those found beside the data, else ImageNet's 7 short ones.
+    ``options`` (``classnames``, ``templates``, ``images_root``: the ``options`` of the tasks' entries)
+    go to the loaders of the tasks that take them; empty ones are left out. Unknown task names fail
+    (UnknownTaskError) before any data is read; an option no task takes raises TypeError.
     """
-    from vlp.eval.datasets import load_eval_data, load_templates
-    from vlp.eval.tasks import ALIASES
-
-    tasks = [ALIASES.get(t, t) for t in tasks]
-    for task in tasks:
-        get_task(task)
+    unknown = set(options) - {name for task in registered_tasks().values() for name in task.options}
+    if unknown:
+        raise TypeError(f"build_specs: no eval task takes the option(s) {', '.join(sorted(unknown))}")
+    entries = [get_task(name) for name in tasks]
     specs = []
-    for task, path in zip(tasks, paths):
-        kw = {}
-        if task == "zeroshot_classification" and classnames:
-            kw["classnames"] = classnames
-        if task == "compositional" and images_root:
-            kw["images_root"] = images_root
-        data = load_eval_data(task, path, **kw)
-        tpl = (
-            load_templates(templates or data.templates or "imagenet-simple")
-            if task == "zeroshot_classification"
-            else None
-        )
-        specs.append((task, data, tpl))
+    for task, path in zip(entries, paths):
+        kw = {name: options[name] for name in task.options if options.get(name)}
+        specs.append((task, task.load(path, **kw)))
     return specs
 
 
 def evaluate_tasks(model, tokenizer, specs, ctx: EvalContext, *, model_name="", pretrained="") -> list[dict]:
-    """``specs``: list of ``(task, EvalData, templates or None)``; every rank returns the same results."""
+    """``specs``: list of ``(task, EvalData)`` from :func:`build_specs`; every rank returns the same results."""
     was_training = model.training
     model.eval()
     results = []
-    for task, data, templates in specs:
-        if templates is not None:
-            ctx.templates = templates
-        metrics = get_task(task)(model, tokenizer, data, ctx)
+    for task, data in specs:
+        metrics = task.run(model, tokenizer, data, ctx)
         results.append(
             {
                 "dataset": data.name,
                 "model": model_name,
                 "pretrained": pretrained,
-                "task": task,
+                "task": task.name,
                 "metrics": metrics,
                 "skipped": dict(data.skipped),
             }

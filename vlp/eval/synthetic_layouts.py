@@ -265,7 +265,7 @@ def export_eval_layouts(
     holds the same parameters nothing is rewritten.
 
     Returns:
-        ``{task name: path}`` for vlp.eval.datasets.load_eval_data: zeroshot_classification ->
+        ``{task name: path}`` for vlp.eval.registry.load_eval_data: zeroshot_classification ->
         the class-folder root, zeroshot_retrieval/compositional/counting -> their JSONL files.
 
     Raises:

@@ -34,6 +34,7 @@ from vlp.checkpoint.deepspeed import (
 )
 from vlp.checkpoint.files import CheckpointError
 from vlp.config import Config, ConfigError
+from vlp.train.backend_api import TrainingBackend
 from vlp.train.checkpoint import atomic_write_bytes
 from vlp.train.run_folder import older_to_delete
 
@@ -158,7 +159,7 @@ class DeepSpeedCheckpointer:
         self.barrier()  # every rank's shards are on disk
         if self.is_main:
             files = sorted(p.name for p in path.iterdir())
-            marker = {"step": step, "files": files, "zero_stage": zero_stage(self.engine)}
+            marker = {"step": step, "files": files, "zero_stage": zero_stage(self.engine), "backend": "deepspeed"}
             atomic_write_bytes(path / MARKER, lambda f: f.write(json.dumps(marker).encode()))
             atomic_write_bytes(self.folder / "latest", lambda f: f.write(path.name.encode()))
             for old in older_to_delete(complete_tags(self.folder), step, self.keep):
@@ -216,3 +217,62 @@ def master_state(model) -> dict[str, torch.Tensor]:
             full = safe_get_full_fp32_param(p)
             out[name] = (full if full is not None else p.detach()).float().cpu().clone()
     return out
+
+
+class DeepSpeedBackend(TrainingBackend):
+    """``train.backend: deepspeed``: the engine steps (at its accumulation boundary), scales fp16
+    losses, reduces and partitions; vlp's Trainer only feeds it."""
+
+    name = "deepspeed"
+
+    def __init__(self, model, train_module, make_optimizer, make_scheduler, cfg, env, out_dir: Path, autocast):
+        from vlp.distributed import barrier
+        from vlp.train.deepspeed_config import build_config
+
+        self.model, self.env, self.autocast = model, env, autocast
+        self.cfg = cfg
+        self.optimizer = make_optimizer(model)
+        self.scheduler = make_scheduler(self.optimizer)
+        self.ds_config = build_config(cfg, env.world)
+        self.engine = initialize(train_module, self.optimizer, self.scheduler, self.ds_config, env)
+        self.module = self.engine
+        self.checkpointer = DeepSpeedCheckpointer(
+            self.engine, out_dir / "checkpoints", cfg.train.keep_checkpoints, env.is_main, lambda: barrier(env)
+        )
+
+    def describe(self) -> str:
+        z = self.ds_config["zero_optimization"]["stage"]
+        return f"DeepSpeed ZeRO stage {z}, {self.env.world} process(es), precision {self.cfg.model.precision}"
+
+    def prepare(self, micro_batches: list[dict]) -> None:
+        from vlp.losses.distributed import check_same_batch
+
+        for b in micro_batches:  # unequal batches would hang ZeRO-3's collectives: fail with the shapes instead
+            check_same_batch(b["image"], self.env.group, device=self.env.device)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``engine.backward`` (loss scaling, ZeRO gradient reduction; no 1/k scaling: ``loss``
+        carries its share already) then ``engine.step()``, which updates on the k-th micro-batch only."""
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
+
+    def step(self, loss: torch.Tensor, guard, step: int, last_checkpoint) -> bool:
+        # the engine clipped, stepped and zeroed already (and the schedule): a non-finite loss is
+        # detected and counted, not skipped
+        guard.step_ok(loss, None, step, last_checkpoint)
+        clamp_logit_scale(self.engine, self.model, self.cfg.train.logit_scale_max)
+        return True
+
+    @contextlib.contextmanager
+    def full_model(self):
+        """Under ZeRO-3 the parameters gathered; under bf16/fp16 (module weights in low precision),
+        fp32 inputs autocast."""
+        with gathered(self.engine, self.model.parameters()), self.autocast():
+            yield self.model
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return master_state(self.model)  # the fp32 master weights, not the module's bf16/fp16 copy
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state, strict=False)
+        set_master_from_module(self.model, state)  # the master weights take them too

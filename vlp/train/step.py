@@ -61,43 +61,47 @@ def _forward(model, batch, device, autocast, images):
     return {k: v.float() if torch.is_tensor(v) and v.dtype in low else v for k, v in out.items()}
 
 
-def _no_sync(model, last: bool, engine):
-    if last or engine is not None or not hasattr(model, "no_sync"):
-        return contextlib.nullcontext()  # DeepSpeed reduces at its own accumulation boundary
-    return model.no_sync()
+class _Autograd:
+    """The step's backward without a training backend (direct callers: tests, benchmarks): GradScaler's
+    scaling when given, autograd, and DDP's ``no_sync`` when ``model`` has it."""
 
+    def __init__(self, scaler, model):
+        self.scaler, self.model = scaler, model
 
-def _backward(loss, engine) -> None:
-    """Autograd backward, or DeepSpeed's: ``engine.backward`` (loss scaling, ZeRO gradient
-    reduction; no 1/k scaling: ``loss`` carries its share already) then ``engine.step()``,
-    which updates the weights on the k-th micro-batch only."""
-    if engine is None:
+    def scale(self, loss):
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def backward(self, loss) -> None:
         loss.backward()
-        return
-    engine.backward(loss, scale_wrt_gas=False)
-    engine.step()
+
+    def no_sync(self, last: bool):
+        if last or not hasattr(self.model, "no_sync"):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
 
 
 def forward_backward(
-    model, objective, micro_batches, *, device, autocast, scaler, group=None, engine=None, images=move_images
+    model, objective, micro_batches, *, device, autocast, scaler=None, group=None, backend=None, images=move_images
 ):
     """Run forward and backward for one optimizer step; returns ``(loss, terms, last_outputs)``.
 
-    ``loss`` and ``terms`` are detached; gradients are left in the parameters (scaled when
-    ``scaler`` is enabled). With a DeepSpeed ``engine`` (``model`` is the engine), the engine also
-    takes the optimizer step; ``scaler`` must then be disabled (the engine scales fp16 losses).
+    ``loss`` and ``terms`` are detached; gradients are left in the parameters. ``backend`` (a
+    :class:`vlp.train.backend_api.TrainingBackend`; ``model`` is its ``module``) scales losses, runs
+    backward and says when gradients are reduced (a DeepSpeed engine also steps in its backward);
+    without one, autograd with ``scaler``'s scaling (a ``torch.amp.GradScaler``, or None).
     ``images(batch["image"], device)`` makes the model's image input
     (``vlp.data.transforms.DeviceNormalize`` for the training stream's uint8 batches).
     """
+    backend = backend or _Autograd(scaler, model)
     if len(micro_batches) == 1:
         out = _forward(model, micro_batches[0], device, autocast, images)
         loss, terms = objective(out, group)
-        _backward(scaler.scale(loss), engine)
+        backend.backward(backend.scale(loss))
         return loss.detach(), {k: v.detach() for k, v in terms.items()}, out
-    return _cached_accumulation(model, objective, micro_batches, device, autocast, scaler, group, engine, images)
+    return _cached_accumulation(model, objective, micro_batches, device, autocast, backend, group, images)
 
 
-def _cached_accumulation(model, objective, micro_batches, device, autocast, scaler, group, engine, images):
+def _cached_accumulation(model, objective, micro_batches, device, autocast, backend, group, images):
     local_keys = getattr(objective, "LOCAL_KEYS", ())
     local_weights = getattr(objective, "local_weights", lambda out: {})
     rng, cached, weights = [], [], []
@@ -121,7 +125,7 @@ def _cached_accumulation(model, objective, micro_batches, device, autocast, scal
     leaves.update({k: torch.cat([c[k] for c in cached]) for k in masks})
     global_terms = getattr(objective, "global_terms", objective)
     loss, terms = global_terms(leaves, group)
-    scaler.scale(loss).backward()
+    backend.scale(loss).backward()  # the features' gradients: autograd on the leaves, whatever the backend
     grads = {k: v.grad for k, v in leaves.items() if v.grad is not None}
     sizes = [c[batched[0]].shape[0] for c in cached] if batched else []
     split = {k: torch.split(g, sizes) for k, g in grads.items() if k in batched}
@@ -129,7 +133,7 @@ def _cached_accumulation(model, objective, micro_batches, device, autocast, scal
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         _set_rng_state(rng[i], device)
-        with _no_sync(model, last, engine):
+        with backend.no_sync(last):
             out = _forward(model, batch, device, autocast, images)
             surrogate = sum((out[k] * split[k][i]).sum() for k in split)
             for k, g in grads.items():
@@ -140,9 +144,9 @@ def _cached_accumulation(model, objective, micro_batches, device, autocast, scal
             for name, (value, weight) in local.items():
                 # a local term is a mean over its items (tokens, pairs) of all micro-batches together
                 share = weights[i][name] / sum(w[name] for w in weights)
-                surrogate = surrogate + scaler.scale(weight * share * value)
+                surrogate = surrogate + backend.scale(weight * share * value)
                 local_sum[name] = local_sum.get(name, 0.0) + share * value.detach()
                 loss = loss + weight * share * value.detach()
-            _backward(surrogate, engine)
+            backend.backward(surrogate)
     _set_rng_state(after_rng, device)
     return loss.detach(), {**{k: v.detach() for k, v in terms.items()}, **local_sum}, out

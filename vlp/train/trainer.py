@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlp.checkpoint import CheckpointError, load_state_dict_checked, training_state
+from vlp.checkpoint import CheckpointError, training_state
 from vlp.config import Config, ConfigError, save_config
 from vlp.data.transforms import DeviceNormalize, eval_transform
 from vlp.distributed import DistEnv, all_gather_objects, barrier
@@ -22,7 +21,7 @@ from vlp.models.registry import build_model, image_size
 from vlp.models.tokenizer import get_tokenizer
 from vlp.models.towers import trainable_count
 from vlp.train import backends, run_folder
-from vlp.train.checkpoint import Checkpointer, check_resumable, data_state_of_rank, rng_states, set_rng_states
+from vlp.train.checkpoint import check_resumable, data_state_of_rank, rng_states, set_rng_states
 from vlp.train.data import build_train_loader, image_policy, resolve_total_steps
 from vlp.train.data_counts import DataCounts
 from vlp.train.feature_cache import CachedBatches, CachedHeads, build_feature_cache, cache_supported, fingerprint
@@ -31,7 +30,7 @@ from vlp.train.logging import MetricsLogger
 from vlp.train.optim import build_optimizer, build_scheduler
 from vlp.train.step import forward_backward
 from vlp.train.teacher import TeacherStep, needs_teacher
-from vlp.train.validation import Validator
+from vlp.train.validation import CachedRetrieval, StreamRetrieval, Validator
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,10 @@ class Trainer:
 
     def __init__(self, cfg: Config, env: DistEnv | None = None):
         self.cfg = cfg
+        if cfg.train.backend == "fsdp":  # before a process group is started for it
+            from vlp.train.fsdp_backend import check_supported as fsdp_supported
+
+            fsdp_supported(cfg, extra_module=self._extra_captions(), teacher=needs_teacher(cfg.loss))
         self.env = env or backends.init_distributed(cfg.train)
         t, dev = cfg.train, self.env.device
         self._check_settings()
@@ -62,25 +65,26 @@ class Trainer:
         self.train_module = CachedHeads(self.model) if self.cached else self.model
         if self._extra_captions():  # hard negatives / counterfactuals are encoded inside the forward
             self.train_module = ExtraTexts(self.model)
-        self.ds = t.backend == "deepspeed"
-        self.ddp_model = self.train_module if self.ds else backends.wrap_model(self.train_module, self.env)
-        if t.compile:  # the training forward only: evaluation, validation and the teacher run the plain modules
-            self.ddp_model = torch.compile(self.ddp_model)
         self.total_steps = resolve_total_steps(cfg, self.env.world)
         # the teacher copies the fp32 weights before DeepSpeed casts the module to bf16/fp16
         self.teacher_step = TeacherStep(self.model, cfg, self.env) if needs_teacher(cfg.loss) else None
         self.teacher = self.teacher_step.teacher if self.teacher_step else None
         self.objective = Objective(cfg.loss, teacher=self.teacher)
-        self.optimizer = build_optimizer(self.model, t)
-        self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
-        fp16 = cfg.model.precision == "fp16" and not self.ds  # DeepSpeed scales fp16 losses itself
-        self.scaler = torch.amp.GradScaler(dev.type, enabled=fp16)
         self.out_dir = Path(t.output_dir)
-        self.engine = None
-        if self.ds:
-            self._init_deepspeed()
-        else:
-            self.checkpointer = Checkpointer(self.out_dir / "checkpoints", t.keep_checkpoints, self.env.is_main)
+        self.backend = backends.build_backend(
+            cfg,
+            self.env,
+            self.model,
+            self.train_module,
+            lambda model: build_optimizer(model, t),
+            lambda optimizer: build_scheduler(optimizer, t, self.total_steps),
+            self.out_dir,
+            self._autocast,
+        )
+        self.optimizer, self.scheduler = self.backend.optimizer, self.backend.scheduler
+        self.checkpointer = self.backend.checkpointer
+        if self.env.is_main and (line := self.backend.describe()):
+            print(f"vlp: {line}", flush=True)
         self.step = 0
         self.guard = NonFiniteGuard(t.max_bad_steps)
         self.signals = StopSignals()
@@ -88,39 +92,33 @@ class Trainer:
         self.eval_results: list[dict] = []
         self.last_eval_step = -1
         self.last_checkpoint: Path | None = None
-        self.validator = Validator(self)
+        self.validator = Validator(
+            t, cfg.data.val_shards, self._validation_measure(), self.backend,
+            lambda step, metrics: self.logger.log(step, metrics), self.env.is_main,
+        )  # fmt: skip
         _seed_everything(t.seed + 1000 * self.env.rank)  # per-rank streams for dropout etc.
 
-    def _init_deepspeed(self) -> None:
-        from vlp.train import deepspeed_backend as dsb
-        from vlp.train.deepspeed_config import build_config
-
-        ds_config = build_config(self.cfg, self.env.world)
-        self.engine = dsb.initialize(self.train_module, self.optimizer, self.scheduler, ds_config, self.env)
-        self.ddp_model = self.engine
-        self.checkpointer = dsb.DeepSpeedCheckpointer(
-            self.engine,
-            self.out_dir / "checkpoints",
-            self.cfg.train.keep_checkpoints,
-            self.env.is_main,
-            lambda: barrier(self.env),
-        )
-        if self.env.is_main:
-            z = ds_config["zero_optimization"]["stage"]
-            print(f"vlp: DeepSpeed ZeRO stage {z}, {self.env.world} process(es), precision {self.cfg.model.precision}")
-
-    @contextlib.contextmanager
     def full_model(self):
-        """The model usable outside the training forward (evaluation, validation, saving weights):
-        under ZeRO-3 its parameters gathered; under DeepSpeed bf16/fp16 (module weights in low
-        precision), fp32 inputs autocast."""
-        if self.engine is None:
-            yield self.model
-            return
-        from vlp.train.deepspeed_backend import gathered
+        """The model usable outside the training forward (evaluation, validation, saving weights),
+        with full weights (the backend gathers shards and autocasts where it must)."""
+        return self.backend.full_model()
 
-        with gathered(self.engine, self.model.parameters()), self._autocast():
-            yield self.model
+    def _validation_measure(self):
+        """What validation scores: the cached heads on the cached val features, or the full model."""
+        if self.cached:
+            return CachedRetrieval(self.build_cache, self.train_module, self.cfg.data.val_shards, self.env.device)
+        return StreamRetrieval(self.full_model, self.tokenizer, self.cfg.data.val_shards, self._eval_context(None))
+
+    def _eval_context(self, plots_dir):
+        from vlp.eval.tasks import EvalContext
+
+        return EvalContext(
+            env=self.env,
+            preprocess=self.eval_preprocess,
+            batch_size=self.cfg.eval.batch_size,
+            plots_dir=plots_dir,
+            image_policy=image_policy(self.cfg.data),
+        )
 
     def _check_settings(self) -> None:
         """Mistakes that depend on the launch or the eval data stop the run now, not hours later."""
@@ -269,60 +267,30 @@ class Trainer:
         """Whether the last checkpoint written is of the current step."""
         return self.last_checkpoint is not None and self.checkpointer.path_for(self.step) == self.last_checkpoint
 
-    def train_step(self, micro_batches) -> tuple[torch.Tensor, dict]:
-        self.ddp_model.train()
-        if self.engine is None:
-            self.optimizer.zero_grad(set_to_none=True)
-        else:  # unequal batches would hang ZeRO-3's collectives: fail with the shapes instead
-            from vlp.losses.distributed import check_same_batch
-
-            for b in micro_batches:
-                check_same_batch(b["image"], self.env.group, device=self.env.device)
+    def train_step(self, micro_batches) -> tuple[torch.Tensor, dict, bool]:
+        """One optimizer step on ``micro_batches``: ``(loss, terms, whether the weights changed)``."""
+        self.backend.module.train()
+        self.backend.prepare(micro_batches)
         if self.teacher_step is not None:
             self.objective.alpha = self.teacher_step.alpha(self.step)
             micro_batches = self.teacher_step.with_features(micro_batches, self._autocast, self.normalize)
         loss, terms, out = forward_backward(
-            self.ddp_model,
+            self.backend.module,
             self.objective,
             micro_batches,
             device=self.env.device,
             autocast=self._autocast,
-            scaler=self.scaler,
             group=self.env.group,
-            engine=self.engine,
+            backend=self.backend,
             images=self.normalize,
         )
         # the multiplier the step used (read at log time only: no host sync here; under ZeRO-3 the
         # module's own parameter is a partition outside the forward)
         self.last_logit_scale = out["logit_scale"].detach()
-        if self.engine is not None:  # the engine clipped, stepped and zeroed; the schedule too
-            from vlp.train.deepspeed_backend import clamp_logit_scale
-
-            # DeepSpeed has stepped already: a non-finite loss is detected and counted, not skipped
-            self.guard.step_ok(loss, None, self.step, self.last_checkpoint)
-            clamp_logit_scale(self.engine, self.model, self.cfg.train.logit_scale_max)
-            if self.teacher_step is not None:
-                self.teacher_step.after_step(self.model, micro_batches)
-            return loss, terms, True
-        grad_norm = None
-        clip = self.cfg.train.grad_clip
-        if clip > 0 or self.guard.enabled:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
-        # with fp16 loss scaling the scaler itself skips steps with inf/nan gradients; the guard checks the loss
-        checked_norm = None if self.scaler.is_enabled() else grad_norm
-        if not self.guard.step_ok(loss, checked_norm, self.step, self.last_checkpoint):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.update()
-            return loss, terms, False
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(0, math.log(self.cfg.train.logit_scale_max))
-        if self.teacher_step is not None:
+        updated = self.backend.step(loss, self.guard, self.step, self.last_checkpoint)
+        if updated and self.teacher_step is not None:
             self.teacher_step.after_step(self.model, micro_batches)
-        return loss, terms, True
+        return loss, terms, updated
 
     def _autocast(self):
         p = self.cfg.model.precision
@@ -353,16 +321,9 @@ class Trainer:
         if not self.eval_specs or not (force or (every and self.step % every == 0)):
             return None
         from vlp.eval.run import evaluate_tasks, flat_metrics
-        from vlp.eval.tasks import EvalContext
 
         self.last_eval_step = self.step
-        ctx = EvalContext(
-            env=self.env,
-            preprocess=self.eval_preprocess,
-            batch_size=self.cfg.eval.batch_size,
-            plots_dir=self.out_dir / "eval",
-            image_policy=image_policy(self.cfg.data),
-        )
+        ctx = self._eval_context(self.out_dir / "eval")
         # every rank extracts its share of the features; all get the same results
         with self.full_model() as model:
             results = flat_metrics(evaluate_tasks(model, self.tokenizer, self.eval_specs, ctx))
@@ -395,13 +356,7 @@ class Trainer:
         )
         if self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
-        if self.engine is None:  # DeepSpeed's engine saves the module, optimizer and schedule itself
-            state.update(
-                model=self.model.state_dict(),
-                optimizer=self.optimizer.state_dict(),
-                scheduler=self.scheduler.state_dict(),
-                scaler=self.scaler.state_dict(),
-            )
+        state.update(self.backend.model_state())  # {} where the backend's checkpointer saves them itself
         try:
             path = self.checkpointer.save(self.step, state)
         finally:  # also when the write failed: the other ranks wait here
@@ -421,11 +376,7 @@ class Trainer:
             raise CheckpointError(f"cannot resume from {which}")
         path, state = found
         check_resumable(path, state, self.cfg.model.name)
-        if self.engine is None:  # DeepSpeed's checkpointer has loaded them into the engine
-            load_state_dict_checked(self.model, state["model"], path, self.cfg.model.name)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
+        self.backend.load_model_state(state, path, self.cfg.model.name)
         self.step = int(state["step"])
         self.validator.load_state_dict(state.get("validation"))
         self.guard.load_state_dict(state.get("guard"))

@@ -22,81 +22,77 @@ def score_of(metrics: dict) -> float:
     return sum(float(metrics[k]) for k in RECALL_KEYS) / len(RECALL_KEYS)
 
 
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    names |= {n for n, _ in model.named_buffers()}
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k in names}
+class CachedRetrieval:
+    """Validation metrics of a run on cached trunk features: the validation shards encoded once by
+    ``build_cache(urls)``, scored through the trainable ``heads``."""
+
+    def __init__(self, build_cache, heads, urls, device):
+        self.build_cache, self.heads, self.urls, self.device = build_cache, heads, urls, device
+        self._cache = None
+
+    def __call__(self) -> dict:
+        from vlp.eval.retrieval import retrieval_metrics
+
+        if self._cache is None:
+            self._cache = self.build_cache(self.urls, variants_key="", desc="val")
+        cache, heads = self._cache, self.heads
+        was = heads.training
+        heads.eval()
+        with torch.no_grad():
+            out = heads(cache.image.to(self.device), cache.text.to(self.device))
+        heads.train(was)
+        owner = torch.repeat_interleave(torch.arange(len(cache)), cache.first_text[1:] - cache.first_text[:-1])
+        return retrieval_metrics(out["image_features"].float().cpu(), out["text_features"].float().cpu(), owner)
+
+
+class StreamRetrieval:
+    """Validation metrics of the full model (``full_model()``, the backend's) on the validation
+    shards, read once, through the ``zeroshot_retrieval`` evaluation task with context ``ctx``."""
+
+    def __init__(self, full_model, tokenizer, urls, ctx):
+        self.full_model, self.tokenizer, self.urls, self.ctx = full_model, tokenizer, urls, ctx
+        self._specs = None
+
+    def __call__(self) -> dict:
+        from vlp.eval.run import build_specs, evaluate_tasks
+
+        if self._specs is None:
+            self._specs = build_specs(["zeroshot_retrieval"], [list(self.urls)])
+        with self.full_model() as model:
+            return evaluate_tasks(model, self.tokenizer, self._specs, self.ctx)[0]["metrics"]
 
 
 class Validator:
-    """Scores the model on the validation shards and remembers the best weights."""
+    """Scores the model (``measure()``: the retrieval metrics) and remembers the best weights
+    through the training ``backend``; ``log(step, metrics)`` records the scores."""
 
-    def __init__(self, trainer):
-        self.t = trainer
-        cfg = trainer.cfg
-        self.every, self.patience = cfg.train.val_every, cfg.train.early_stopping_patience
-        self.urls = cfg.data.val_shards
+    def __init__(self, train_cfg, urls, measure, backend, log, is_main: bool):
+        self.every, self.patience = train_cfg.val_every, train_cfg.early_stopping_patience
+        self.urls, self.measure, self.backend, self.log, self.is_main = urls, measure, backend, log, is_main
         if self.every and not self.urls:
             from vlp.config import ConfigError
 
             raise ConfigError("train.val_every needs data.val_shards (the held-out shards to validate on)")
         self.best_score, self.best_step, self.best_state = None, -1, None
         self.bad = 0
-        self._data = None
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
 
-    def _metrics(self) -> dict:
-        from vlp.eval.retrieval import retrieval_metrics
-
-        t = self.t
-        if t.cached:
-            if self._data is None:
-                self._data = t.build_cache(self.urls, variants_key="", desc="val")
-            cache = self._data
-            heads = t.train_module
-            was = heads.training
-            heads.eval()
-            with torch.no_grad():
-                out = heads(cache.image.to(t.env.device), cache.text.to(t.env.device))
-            heads.train(was)
-            owner = torch.repeat_interleave(torch.arange(len(cache)), cache.first_text[1:] - cache.first_text[:-1])
-            return retrieval_metrics(out["image_features"].float().cpu(), out["text_features"].float().cpu(), owner)
-        from vlp.eval.run import build_specs, evaluate_tasks
-        from vlp.eval.tasks import EvalContext
-        from vlp.train.data import image_policy
-
-        if self._data is None:
-            self._data = build_specs(["zeroshot_retrieval"], [list(self.urls)])
-        ctx = EvalContext(
-            env=t.env,
-            preprocess=t.eval_preprocess,
-            batch_size=t.cfg.eval.batch_size,
-            image_policy=image_policy(t.cfg.data),
-        )
-        with t.full_model() as model:
-            return evaluate_tasks(model, t.tokenizer, self._data, ctx)[0]["metrics"]
-
     def run(self, step: int) -> bool:
         """Validate at ``step``; returns True when the run should stop early."""
-        metrics = self._metrics()
+        metrics = self.measure()
         score = score_of(metrics)
         improved = self.best_score is None or score > self.best_score
         if improved:
             self.best_score, self.best_step, self.bad = score, step, 0
-            if self.t.engine is not None:  # the fp32 master weights, not the module's bf16/fp16 copy
-                from vlp.train.deepspeed_backend import master_state
-
-                self.best_state = master_state(self.t.model)
-            else:
-                self.best_state = _trainable_state(self.t.model)
+            self.best_state = self.backend.trainable_state()
         else:
             self.bad += 1
         logged = {f"val/{k}": float(metrics[k]) for k in RECALL_KEYS}
-        self.t.logger.log(step, {**logged, "val/score": score, "val/best_score": self.best_score})
+        self.log(step, {**logged, "val/score": score, "val/best_score": self.best_score})
         stop = bool(self.patience) and self.bad >= self.patience
-        if stop and self.t.env.is_main:
+        if stop and self.is_main:
             print(
                 f"vlp: early stop at step {step}: no better validation score in {self.bad} checks "
                 f"(best {self.best_score:.4f} at step {self.best_step})",
@@ -108,12 +104,8 @@ class Validator:
         """Load the best weights into the model if they are not the current ones; True if loaded."""
         if self.best_state is None or self.best_step == step:
             return False
-        self.t.model.load_state_dict(self.best_state, strict=False)
-        if self.t.engine is not None:  # DeepSpeed keeps fp32 master weights: they take the best ones too
-            from vlp.train.deepspeed_backend import set_master_from_module
-
-            set_master_from_module(self.t.model, self.best_state)
-        if self.t.env.is_main:
+        self.backend.load_trainable_state(self.best_state)
+        if self.is_main:
             print(f"vlp: restored the best weights (step {self.best_step}, val score {self.best_score:.4f})")
         return True
 
