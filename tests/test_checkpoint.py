@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from vlp.train.checkpoint import Checkpointer
+from vlp.checkpoint.writing import Checkpointer
 
 
 def test_keep_last_n_and_latest_pointer(tmp_path):

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import run_main
-from vlp.train.checkpoint import Checkpointer, file_sha256
+from vlp.checkpoint.writing import Checkpointer, file_sha256, older_to_delete
 from vlp.train.logging import read_metrics
-from vlp.train.run_folder import config_changes, older_to_delete, remove_run_files
+from vlp.train.run_folder import config_changes, remove_run_files
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,10 @@ training checkpoints (``.pt``, the dict :func:`training_state` builds), DeepSpee
 - :mod:`vlp.checkpoint.files`: safe reading (weights-only), state-dict extraction, strict loading;
 - :mod:`vlp.checkpoint.deepspeed`: DeepSpeed step folders, their marker and consolidation;
 - :mod:`vlp.checkpoint.safetensors_meta`: the architecture in a safetensors export's metadata;
-- :mod:`vlp.checkpoint.kinds`: which kind a path is, and the architecture that rebuilds it.
+- :mod:`vlp.checkpoint.kinds`: which kind a path is, and the architecture that rebuilds it;
+- :mod:`vlp.checkpoint.writing`: step ``.pt`` files written atomically with a checksum, ``latest``
+  written last, retention (the DeepSpeed and FSDP backends write their folders with its helpers);
+- :mod:`vlp.checkpoint.fsdp`: FSDP step folders, read and consolidated without a process group.
 """
 
 from vlp.checkpoint.files import (

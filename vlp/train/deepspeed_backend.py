@@ -33,10 +33,9 @@ from vlp.checkpoint.deepspeed import (
     weights_only_loads,
 )
 from vlp.checkpoint.files import CheckpointError
+from vlp.checkpoint.writing import atomic_write_bytes, older_to_delete
 from vlp.config import Config, ConfigError
 from vlp.train.backend_api import TrainingBackend
-from vlp.train.checkpoint import atomic_write_bytes
-from vlp.train.run_folder import older_to_delete
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +139,7 @@ def clamp_logit_scale(engine, model, max_scale: float) -> None:
 
 
 class DeepSpeedCheckpointer:
-    """Same interface and ``latest`` semantics as :class:`vlp.train.checkpoint.Checkpointer`."""
+    """Same interface and ``latest`` semantics as :class:`vlp.checkpoint.writing.Checkpointer`."""
 
     def __init__(self, engine, folder: str | Path, keep: int, is_main: bool, barrier):
         self.engine, self.folder, self.keep = engine, Path(folder), keep

@@ -157,9 +157,9 @@ def build_feature_cache(model, urls, preprocess, tokenizer, env, *, cache_file: 
     Every rank encodes its share and all get the full cache (see :mod:`vlp.eval.extract`); the main
     rank saves it atomically to ``cache_file``.
     """
+    from vlp.checkpoint.writing import atomic_write_bytes
     from vlp.distributed import all_gather_objects, barrier
     from vlp.eval.extract import image_features, text_features
-    from vlp.train.checkpoint import atomic_write_bytes
 
     state = _read_cache(cache_file)
     # every rank must take the same branch (encoding has collectives): use the cache only if all can

@@ -31,10 +31,9 @@ import torch
 from vlp.checkpoint import architecture_only
 from vlp.checkpoint.deepspeed import MARKER, complete_tags
 from vlp.checkpoint.fsdp import BACKEND, CLIENT_FILE, fsdp_tag, is_fsdp_tag, read_client_state
+from vlp.checkpoint.writing import atomic_write_bytes, older_to_delete
 from vlp.config import ConfigError
 from vlp.train.backend_api import TrainingBackend
-from vlp.train.checkpoint import atomic_write_bytes
-from vlp.train.run_folder import older_to_delete
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +152,7 @@ class FSDPBackend(TrainingBackend):
 
 
 class FSDPCheckpointer:
-    """Same interface and ``latest`` semantics as :class:`vlp.train.checkpoint.Checkpointer`; every
+    """Same interface and ``latest`` semantics as :class:`vlp.checkpoint.writing.Checkpointer`; every
     rank calls :meth:`save` and :meth:`load` (collectives)."""
 
     def __init__(self, model, optimizer, folder: Path, keep: int, is_main: bool, barrier):

@@ -1,6 +1,6 @@
 """One process, or several under DDP (``train.backend: single | ddp | auto``): torch's own optimizer
 step with vlp's clipping, non-finite guard, fp16 loss scaling and logit-scale clamp; checkpoints as
-one ``.pt`` file per step (:class:`vlp.train.checkpoint.Checkpointer`)."""
+one ``.pt`` file per step (:class:`vlp.checkpoint.writing.Checkpointer`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from vlp.checkpoint import load_state_dict_checked
+from vlp.checkpoint.writing import Checkpointer
 from vlp.train.backend_api import TrainingBackend
-from vlp.train.checkpoint import Checkpointer
 
 
 class PlainBackend(TrainingBackend):

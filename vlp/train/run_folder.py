@@ -21,25 +21,17 @@ import re
 import shutil
 from pathlib import Path
 
+from vlp.checkpoint.writing import STEP_NAME, step_of
 from vlp.config import ConfigError
 
-_CHECKPOINT = re.compile(r"^step_(\d{8})(\.pt)?$")
 _LEFTOVERS = re.compile(r"^(step_\d{8}\.pt(\.sha256)?(\.tmp)?|step_\d{8}|latest(\.tmp)?)$")
-
-
-def step_of(path: Path) -> int:
-    """The step of a checkpoint path ``step_NNNNNNNN[.pt]``."""
-    m = _CHECKPOINT.match(Path(path).name)
-    if m is None:
-        raise ValueError(f"{path} is not a step checkpoint name")
-    return int(m.group(1))
 
 
 def existing_checkpoints(folder: Path) -> list[Path]:
     """Checkpoints in ``folder`` (vlp ``step_N.pt`` files and DeepSpeed ``step_N`` folders), oldest first."""
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.iterdir() if _CHECKPOINT.match(p.name)), key=step_of)
+    return sorted((p for p in folder.iterdir() if STEP_NAME.match(p.name)), key=step_of)
 
 
 def _inside(path: str, folder: Path) -> bool:
@@ -79,14 +71,6 @@ def remove_run_files(out_dir: Path) -> None:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
-
-
-def older_to_delete(checkpoints: list[Path], step: int, keep: int) -> list[Path]:
-    """Retention: of the checkpoints before ``step`` (the one just written), all but the newest
-    ``keep - 1``. A checkpoint at or after ``step`` is never deleted, so the one just written, and
-    anything a resumed run has not reached again, survive."""
-    older = [p for p in checkpoints if step_of(p) < step]
-    return older[: max(len(older) - (keep - 1), 0)]
 
 
 def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -21,13 +21,13 @@ from vlp.models.registry import build_model, image_size
 from vlp.models.tokenizer import get_tokenizer
 from vlp.models.towers import trainable_count
 from vlp.train import backends, run_folder
-from vlp.train.checkpoint import check_resumable, data_state_of_rank, rng_states, set_rng_states
 from vlp.train.data import build_train_loader, image_policy, resolve_total_steps
 from vlp.train.data_counts import DataCounts
 from vlp.train.feature_cache import CachedBatches, CachedHeads, build_feature_cache, cache_supported, fingerprint
 from vlp.train.guards import NonFiniteGuard, StopRequested, StopSignals
 from vlp.train.logging import MetricsLogger
 from vlp.train.optim import build_optimizer, build_scheduler
+from vlp.train.resume_state import check_resumable, data_state_of_rank, rng_states, set_rng_states
 from vlp.train.step import forward_backward
 from vlp.train.teacher import TeacherStep, needs_teacher
 from vlp.train.validation import CachedRetrieval, StreamRetrieval, Validator

@@ -16,16 +16,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import random
 import re
-from collections import Counter
 from pathlib import Path
 
 import torch
 
-from vlp.checkpoint import CHECKPOINT_FORMAT, CheckpointError, read_file
-from vlp.config import ConfigError
-from vlp.train.run_folder import older_to_delete
+from vlp.checkpoint.files import CheckpointError, read_file
 
 log = logging.getLogger(__name__)
 
@@ -154,46 +150,20 @@ class Checkpointer:
         return None
 
 
-def rng_states(device) -> dict:
-    """This process's random generators (Python, torch CPU, the CUDA device's), for a checkpoint."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+STEP_NAME = re.compile(r"^step_(\d{8})(\.pt)?$")  # a step checkpoint: a .pt file or a step folder
 
 
-def set_rng_states(state: dict, device) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+def step_of(path: Path) -> int:
+    """The step of a checkpoint path ``step_NNNNNNNN[.pt]``."""
+    m = STEP_NAME.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path} is not a step checkpoint name")
+    return int(m.group(1))
 
 
-def check_resumable(path, state: dict, model_name: str) -> None:
-    """A training run may resume from ``state`` (read from ``path``): a vlp training checkpoint of the
-    same architecture. Raises CheckpointError or ConfigError saying what to do instead."""
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a vlp training checkpoint (use model.pretrained for weights)")
-    saved = state["config"]["model"]["name"]
-    if saved != model_name:
-        raise ConfigError(
-            f"{path}: checkpoint was trained with model.name='{saved}', the config says "
-            f"'{model_name}'; resume with the same architecture or start a new output_dir"
-        )
-
-
-def data_state_of_rank(data: list[dict], rank: int, world: int) -> dict | None:
-    """This rank's saved data position from a checkpoint's per-rank list. Saved with another world
-    size, positions cannot be replayed (the loader warns and starts a new epoch); rank 0 then carries
-    the run's totals (skipped samples, cut captions) so that the reports go on adding up."""
-    if len(data) == world:
-        return data[rank]
-    if not data:
-        return None
-    skipped: Counter = Counter()
-    for d in data:
-        skipped.update(d.get("skipped", {}))
-    truncated = sum(int(d.get("truncated_captions", 0)) for d in data)
-    if rank:
-        return {**data[0], "skipped": {}, "truncated_captions": 0}
-    return {**data[0], "skipped": dict(skipped), "truncated_captions": truncated}
+def older_to_delete(checkpoints: list[Path], step: int, keep: int) -> list[Path]:
+    """Retention: of the checkpoints before ``step`` (the one just written), all but the newest
+    ``keep - 1``. A checkpoint at or after ``step`` is never deleted, so the one just written, and
+    anything a resumed run has not reached again, survive."""
+    older = [p for p in checkpoints if step_of(p) < step]
+    return older[: max(len(older) - (keep - 1), 0)]
