@@ -72,6 +72,19 @@ def _init_deepspeed(train_cfg, world: int, local_rank: int, device: torch.device
     return current(local_rank, device)
 
 
+def check_supported(cfg, extra_captions: bool, teacher: bool) -> None:
+    """ConfigError (one line) for what ``train.backend`` cannot train; called before any process
+    group starts, so a refused run leaves nothing behind."""
+    if cfg.train.backend == "deepspeed":
+        from vlp.train.deepspeed_backend import check_supported as deepspeed_supported
+
+        deepspeed_supported(cfg, cfg.train.deepspeed.zero_stage)
+    elif cfg.train.backend == "fsdp":
+        from vlp.train.fsdp_backend import check_supported as fsdp_supported
+
+        fsdp_supported(cfg, extra_module=extra_captions, teacher=teacher)
+
+
 def build_backend(cfg, env, model, train_module, make_optimizer, make_scheduler, out_dir, autocast) -> TrainingBackend:
     """The :class:`TrainingBackend` of ``train.backend``: DeepSpeed's engine, FSDP2, or plain/DDP
     (single, ddp, auto). ``model`` is the single-device model, ``train_module`` what the training

@@ -41,9 +41,14 @@ log = logging.getLogger(__name__)
 
 
 def check_supported(cfg: Config, stage: int) -> None:
-    """Combinations that would train wrongly under ZeRO-3 stop here, before any data is read."""
+    """Combinations DeepSpeed cannot run, or would train wrongly under ZeRO-3, stop here, before
+    any data is read."""
+    if cfg.train.compile:
+        raise ConfigError("train.compile is not supported with train.backend=deepspeed")
     if stage != 3:
         return
+    if cfg.train.val_every:
+        raise ConfigError("train.val_every (keep the best weights) is not supported with ZeRO-3; use stage 1/2")
     loss = cfg.loss
     if loss.distill.enabled or loss.negatives.text_grounded_weight > 0:
         raise ConfigError(

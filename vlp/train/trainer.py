@@ -46,10 +46,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, env: DistEnv | None = None):
         self.cfg = cfg
-        if cfg.train.backend == "fsdp":  # before a process group is started for it
-            from vlp.train.fsdp_backend import check_supported as fsdp_supported
-
-            fsdp_supported(cfg, extra_module=self._extra_captions(), teacher=needs_teacher(cfg.loss))
+        # what the backend cannot train stops now, before a process group is started for it
+        backends.check_supported(cfg, extra_captions=self._extra_captions(), teacher=needs_teacher(cfg.loss))
         self.env = env or backends.init_distributed(cfg.train)
         t, dev = cfg.train, self.env.device
         self._check_settings()
@@ -122,15 +120,6 @@ class Trainer:
 
     def _check_settings(self) -> None:
         """Mistakes that depend on the launch or the eval data stop the run now, not hours later."""
-        t = self.cfg.train
-        if t.backend == "deepspeed":
-            from vlp.train.deepspeed_backend import check_supported
-
-            check_supported(self.cfg, t.deepspeed.zero_stage)
-            if t.compile:
-                raise ConfigError("train.compile is not supported with train.backend=deepspeed")
-            if t.val_every and t.deepspeed.zero_stage == 3:
-                raise ConfigError("train.val_every (keep the best weights) is not supported with ZeRO-3; use stage 1/2")
         c = self.cfg.loss.contrastive
         if c.impl == "grouped" and c.group_size and self.env.world % c.group_size:
             raise ConfigError(
