@@ -116,3 +116,17 @@ def test_vlp_forward_cuts_padding_columns_and_keeps_the_loss():
         caption_loss(theirs["logits"], theirs["labels"]).item(), abs=1e-5
     )
     assert torch.allclose(ours["image_features"], theirs["image_features"])
+
+
+@pytest.mark.parametrize("lock", ["model.vision.lock=true", "model.text.lock=true"])
+def test_a_coca_with_a_locked_tower_builds_and_steps(lock):
+    """It used to raise TypeError: the custom build always made a CLIP."""
+    from vlp.config import load_config
+    from vlp.models.registry import build_model
+
+    model, _, _ = build_model(load_config("configs/demo_coca.yaml", [lock]).model)
+    assert hasattr(model, "text_decoder")
+    tower = model.visual if "vision" in lock else model.text.transformer
+    assert not any(p.requires_grad for p in tower.parameters())
+    out = model(torch.randn(2, 3, 64, 64), torch.randint(1, 400, (2, 32)))
+    assert {"image_features", "text_features", "logits", "labels"} <= set(out)

@@ -346,3 +346,17 @@ def test_compositional_negatives_are_false_of_the_image():
     b = {**a, "color": "blue"}
     scene = synthetic.Scene(image=None, caption="a red circle and a blue circle", meta={"groups": [a, b], "index": 0})
     assert negatives(scene, 0) is None
+
+
+def test_config_lists_naming_imagenet_mean_what_the_cli_names_mean(tmp_path):
+    """``eval.classnames: [imagenet]`` / ``eval.templates: [imagenet]`` in a training config are
+    ``--classnames imagenet`` / ``--templates imagenet``, and a one-file list is that file."""
+    from vlp.eval.datasets import load_classnames, load_templates
+
+    assert load_classnames(["imagenet"]) == load_classnames("imagenet") and len(load_classnames(["imagenet"])) == 1000
+    assert len(load_templates(["imagenet"])) == 80 and len(load_templates(["imagenet-simple"])) == 7
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\n")
+    assert load_classnames([str(names)]) == ["cat", "dog"]
+    assert load_classnames(["imagenet", "cat"]) == ["imagenet", "cat"]  # two entries: class names as given
+    assert load_templates(["a photo of a {c}."]) == ["a photo of a {c}."]

@@ -110,9 +110,19 @@ def _read_lines(path: Path, what: str) -> list[tuple[int, str]]:
     return rows
 
 
+def _named_list(spec, names: tuple[str, ...]):
+    """A config list holding one entry that names a list (``[imagenet]``, a file) as that name: YAML's
+    ``eval.classnames: [imagenet]`` means what ``--classnames imagenet`` means."""
+    if isinstance(spec, (list, tuple)) and len(spec) == 1 and isinstance(spec[0], str):
+        if spec[0] in names or Path(spec[0]).is_file():
+            return spec[0]
+    return spec
+
+
 def load_classnames(spec: str | os.PathLike | Sequence[str]) -> list[str]:
     """Class names from a list, a file (one per line) or ``"imagenet"`` (open_clip's 1000).
     Raises EvalDataError for a missing or empty file or an empty list."""
+    spec = _named_list(spec, ("imagenet",))
     if isinstance(spec, (list, tuple)):
         if not spec:
             raise EvalDataError("classnames is an empty list")
@@ -129,6 +139,7 @@ def load_templates(spec: str | os.PathLike | Sequence) -> list:
     callables), ``"imagenet-simple"`` (open_clip's 7) or a list of str/callables. Raises
     EvalDataError: missing/empty file or list, a template without ``{c}`` or with other fields
     (naming the file and line, or the list index)."""
+    spec = _named_list(spec, ("imagenet", "imagenet-simple"))
     if isinstance(spec, (list, tuple)):
         if not spec:
             raise EvalDataError("templates is an empty list")

@@ -127,9 +127,11 @@ def build_custom(mcfg, device="cpu") -> torch.nn.Module:
     cfg = open_clip_config(mcfg)
     preprocess = cfg.pop("preprocess_cfg", {})
     custom_text = cfg.pop("custom_text", False)
-    cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+    # a CoCa (a multimodal decoder over the towers) is built as one; CLIPs as their text tower says
+    coca = "multimodal_cfg" in cfg
+    cls = open_clip.CoCa if coca else open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
     with _quiet_transformers():
-        model = cls(**cfg, output_dict=True)
+        model = cls(**cfg) if coca else cls(**cfg, output_dict=True)  # a CoCa always returns a dict
     model.visual.preprocess_cfg = {**(getattr(model.visual, "preprocess_cfg", {}) or {}), **preprocess}
     if mcfg.vision.weights:
         load_trunk_weights(model.visual, mcfg.vision.weights, mcfg.vision.weights_match)
@@ -215,15 +217,17 @@ def lock_towers(model: torch.nn.Module, mcfg) -> None:
     if v.lock:
         if hasattr(model.visual, "trunk"):
             lock_timm_trunk(model.visual.trunk, v.unlocked_groups, v.freeze_bn_stats)
-        else:
-            model.lock_image_tower(unlocked_groups=v.unlocked_groups, freeze_bn_stats=v.freeze_bn_stats)
+        else:  # what CLIP's lock_image_tower does; a CoCa has no such method but the same tower
+            model.visual.lock(unlocked_groups=v.unlocked_groups, freeze_bn_stats=v.freeze_bn_stats)
         if not v.unlocked_groups:
             _mark_frozen(getattr(model.visual, "trunk", model.visual))
     if t.lock:
         if hasattr(getattr(model, "text", None), "transformer"):
             lock_hf_text(model.text.transformer, t.unlocked_layers, t.freeze_layer_norm)
-        else:
+        elif hasattr(model, "lock_text_tower"):
             model.lock_text_tower(unlocked_layers=t.unlocked_layers, freeze_layer_norm=t.freeze_layer_norm)
+        else:  # a CoCa: its text tower locks itself
+            model.text.lock(t.unlocked_layers, t.freeze_layer_norm)
         if not t.unlocked_layers:
             text = getattr(model, "text", None)
             _mark_frozen(getattr(text, "transformer", None) or text or model.transformer)
