@@ -113,10 +113,8 @@ def _read_lines(path: Path, what: str) -> list[tuple[int, str]]:
 def _named_list(spec, names: tuple[str, ...]):
     """A config list holding one entry that names a list (``[imagenet]``, a file) as that name: YAML's
     ``eval.classnames: [imagenet]`` means what ``--classnames imagenet`` means."""
-    if isinstance(spec, (list, tuple)) and len(spec) == 1 and isinstance(spec[0], str):
-        if spec[0] in names or Path(spec[0]).is_file():
-            return spec[0]
-    return spec
+    one = isinstance(spec, (list, tuple)) and len(spec) == 1 and isinstance(spec[0], str)
+    return spec[0] if one and (spec[0] in names or Path(spec[0]).is_file()) else spec
 
 
 def load_classnames(spec: str | os.PathLike | Sequence[str]) -> list[str]:
