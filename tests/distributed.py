@@ -53,3 +53,25 @@ def torchrun_cmd(module: str, args, nproc: int = 2) -> list[str]:
         module,
         *[str(a) for a in args],
     ]
+
+
+def backend_run_sets(shards, out, *extra) -> list[str]:
+    """``--set`` arguments of the short runs that compare training backends (DDP, DeepSpeed, FSDP):
+    3 steps of batch 16 per rank on the shapes shards, a checkpoint at step 2, no evaluation."""
+    base = [
+        f"data.train_shards=['{shards['train']}']",
+        "data.val_shards=[]",
+        "data.batch_size=16",
+        "data.workers=0",
+        "data.shuffle_buffer=64",
+        f"train.output_dir={out}",
+        "train.steps=3",
+        "train.warmup_steps=1",
+        "train.log_every=1",
+        "train.checkpoint_every=2",
+        "train.device=cpu",
+        "eval.tasks=[]",
+        "eval.data=[]",
+        *extra,
+    ]
+    return [a for s in base for a in ("--set", s)]

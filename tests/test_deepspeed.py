@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from tests.distributed import torchrun_cmd
+from tests.distributed import backend_run_sets, torchrun_cmd
 from vlp.config import ConfigError, load_config
 from vlp.train.deepspeed_config import build_config, generated_config
 from vlp.train.logging import read_metrics
@@ -98,24 +98,7 @@ def test_zero3_refuses_what_it_would_train_wrongly():
 # ---- real runs: torchrun on 2 CPU processes ---------------------------------------------------
 
 
-def _sets(shards, out, *extra):
-    base = [
-        f"data.train_shards=['{shards['train']}']",
-        "data.val_shards=[]",
-        "data.batch_size=16",
-        "data.workers=0",
-        "data.shuffle_buffer=64",
-        f"train.output_dir={out}",
-        "train.steps=3",
-        "train.warmup_steps=1",
-        "train.log_every=1",
-        "train.checkpoint_every=2",
-        "train.device=cpu",
-        "eval.tasks=[]",
-        "eval.data=[]",
-        *extra,
-    ]
-    return [a for s in base for a in ("--set", s)]
+_sets = backend_run_sets
 
 
 def _run(args, nproc=2):

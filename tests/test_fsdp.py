@@ -12,29 +12,13 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_main
-from tests.distributed import torchrun_cmd
+from tests.distributed import backend_run_sets, torchrun_cmd
 from vlp.config import ConfigError, load_config
 from vlp.train.logging import read_metrics
 
 
 def _sets(shards, out, *extra):
-    base = [
-        f"data.train_shards=['{shards['train']}']",
-        "data.val_shards=[]",
-        "data.batch_size=16",
-        "data.workers=0",
-        "data.shuffle_buffer=64",
-        f"train.output_dir={out}",
-        "train.steps=3",
-        "train.warmup_steps=1",
-        "train.log_every=1",
-        "train.checkpoint_every=2",
-        "train.device=cpu",
-        "eval.tasks=[]",
-        "eval.data=[]",
-        *extra,
-    ]
-    return ["--config", "configs/demo.yaml", *[a for s in base for a in ("--set", s)]]
+    return ["--config", "configs/demo.yaml", *backend_run_sets(shards, out, *extra)]
 
 
 def _run(args):
