@@ -1,7 +1,8 @@
 """DeepSpeed checkpoint folders, read and consolidated (the writing half is the training backend's,
-:mod:`vlp.train.deepspeed_backend`). A step folder is complete when it holds :data:`MARKER`, written
-after every rank saved its shards; DeepSpeed's own files are read with ``torch.load(weights_only=True)``
-forced, with only DeepSpeed's plain record classes allowed."""
+:mod:`vlp.train.deepspeed_backend`). A step folder is complete when it holds the marker of
+:mod:`vlp.checkpoint.step_folders`, written after every rank saved its shards; DeepSpeed's own
+files are read with ``torch.load(weights_only=True)`` forced, with only DeepSpeed's plain record
+classes allowed."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from pathlib import Path
 import torch
 
 from vlp.checkpoint.files import CheckpointError
+from vlp.checkpoint.step_folders import MARKER, backend_of, complete_tags, newest_tag
 from vlp.config import ConfigError
 
-MARKER = "vlp_complete.json"
+BACKEND = "deepspeed"
 
 
 def import_deepspeed(device_type: str):
@@ -70,37 +72,16 @@ def is_deepspeed_checkpoint(path: str | Path) -> bool:
     if not path.is_dir():
         return False
     if (path / MARKER).is_file():
-        return _backend_of(path) == "deepspeed"
-    return (path / "latest").is_file() and any(_backend_of(t) == "deepspeed" for t in complete_tags(path))
-
-
-def _backend_of(tag: Path) -> str:
-    """The backend that wrote a step folder (markers written before the name was recorded: DeepSpeed's)."""
-    try:
-        return json.loads((tag / MARKER).read_text()).get("backend", "deepspeed")
-    except (OSError, ValueError):
-        return ""
-
-
-def complete_tags(folder: Path) -> list[Path]:
-    """Complete step folders (with the marker), oldest first."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / MARKER).is_file())
+        return backend_of(path) == BACKEND
+    return (path / "latest").is_file() and bool(complete_tags(path, BACKEND))
 
 
 def resolve_tag(path: str | Path) -> Path:
-    """A step folder from itself or from a checkpoints folder (its ``latest``)."""
-    path = Path(path)
-    if (path / MARKER).is_file():
-        return path
-    pointer = path / "latest"
-    if pointer.is_file() and (path / pointer.read_text().strip() / MARKER).is_file():
-        return path / pointer.read_text().strip()
-    tags = complete_tags(path)
-    if not tags:
+    """A DeepSpeed step folder from itself or from a checkpoints folder (its ``latest``)."""
+    tag = newest_tag(path, BACKEND)
+    if tag is None:
         raise CheckpointError(f"{path}: no complete DeepSpeed checkpoint (a step_* folder with {MARKER})")
-    return tags[-1]
+    return tag
 
 
 def consolidated_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

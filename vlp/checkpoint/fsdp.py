@@ -9,42 +9,21 @@ model tensor from the checkpoint's own metadata and has DCP fill it, so no model
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from vlp.checkpoint.deepspeed import MARKER, complete_tags
 from vlp.checkpoint.files import CheckpointError
+from vlp.checkpoint.step_folders import MARKER, newest_tag
 
 CLIENT_FILE = "client.pt"
 BACKEND = "fsdp"
 
 
-def _marker(tag: Path) -> dict:
-    try:
-        return json.loads((tag / MARKER).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def is_fsdp_tag(tag: Path) -> bool:
-    return (tag / MARKER).is_file() and _marker(tag).get("backend") == BACKEND
-
-
 def fsdp_tag(path: str | Path) -> Path | None:
     """The FSDP step folder ``path`` names (itself, or a checkpoints folder's ``latest`` or newest
     complete one), or None when ``path`` is no FSDP checkpoint."""
-    path = Path(path)
-    if not path.is_dir():
-        return None
-    if (path / MARKER).is_file():
-        return path if is_fsdp_tag(path) else None
-    pointer = path / "latest"
-    if pointer.is_file() and is_fsdp_tag(tag := path / pointer.read_text().strip()):
-        return tag
-    tags = [t for t in complete_tags(path) if is_fsdp_tag(t)]
-    return tags[-1] if tags else None
+    return newest_tag(path, BACKEND) if Path(path).is_dir() else None
 
 
 def read_client_state(tag: Path) -> dict:

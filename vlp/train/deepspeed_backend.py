@@ -17,27 +17,15 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import math
-import shutil
 from pathlib import Path
 
 import torch
 
-from vlp.checkpoint.deepspeed import (
-    MARKER,
-    complete_tags,
-    import_deepspeed,
-    resolve_tag,
-    weights_only_loads,
-)
-from vlp.checkpoint.files import CheckpointError
-from vlp.checkpoint.writing import atomic_write_bytes, older_to_delete
+from vlp.checkpoint.deepspeed import BACKEND, import_deepspeed, weights_only_loads
+from vlp.checkpoint.step_folders import StepFolderCheckpointer
 from vlp.config import Config, ConfigError
 from vlp.train.backend_api import TrainingBackend
-
-log = logging.getLogger(__name__)
 
 
 def check_supported(cfg: Config, stage: int) -> None:
@@ -143,62 +131,29 @@ def clamp_logit_scale(engine, model, max_scale: float) -> None:
 # ---- checkpoints ------------------------------------------------------------------------------
 
 
-class DeepSpeedCheckpointer:
-    """Same interface and ``latest`` semantics as :class:`vlp.checkpoint.writing.Checkpointer`."""
+class DeepSpeedCheckpointer(StepFolderCheckpointer):
+    """Step folders written by ``engine.save_checkpoint`` (every rank its shards, vlp's training
+    state as DeepSpeed's client state); the protocol is :class:`StepFolderCheckpointer`'s."""
+
+    backend = BACKEND
 
     def __init__(self, engine, folder: str | Path, keep: int, is_main: bool, barrier):
-        self.engine, self.folder, self.keep = engine, Path(folder), keep
-        self.is_main, self.barrier = is_main, barrier
+        super().__init__(folder, keep, is_main, barrier)
+        self.engine = engine
 
-    def path_for(self, step: int) -> Path:
-        return self.folder / f"step_{step:08d}"
-
-    def save(self, step: int, state: dict) -> Path:
-        """Every rank calls this (each writes its shards); ``state`` is vlp's client state."""
-        path = self.path_for(step)
-        if self.is_main and path.exists():  # an earlier, interrupted save of this step
-            shutil.rmtree(path)
-        self.barrier()
+    def _write(self, path: Path, state: dict) -> None:
         self.engine.save_checkpoint(str(self.folder), tag=path.name, client_state=state, save_latest=False)
-        self.barrier()  # every rank's shards are on disk
-        if self.is_main:
-            files = sorted(p.name for p in path.iterdir())
-            marker = {"step": step, "files": files, "zero_stage": zero_stage(self.engine), "backend": "deepspeed"}
-            atomic_write_bytes(path / MARKER, lambda f: f.write(json.dumps(marker).encode()))
-            atomic_write_bytes(self.folder / "latest", lambda f: f.write(path.name.encode()))
-            for old in older_to_delete(complete_tags(self.folder), step, self.keep):
-                shutil.rmtree(old, ignore_errors=True)
-        self.barrier()
-        return path
 
-    def latest(self) -> Path | None:
-        try:
-            return resolve_tag(self.folder)
-        except CheckpointError:
-            return None
+    def _marker(self, step: int, path: Path) -> dict:
+        return {**super()._marker(step, path), "zero_stage": zero_stage(self.engine)}
 
-    def load(self, which: str) -> tuple[Path, dict] | None:
-        """Load the engine's module, optimizer and schedule; returns ``(folder, client_state)``."""
-        if which != "latest":
-            candidates = [resolve_tag(which)]
-        else:
-            newest = self.latest()
-            candidates = [t for t in complete_tags(self.folder) if newest is None or t.name <= newest.name]
-        for tag in reversed(candidates):
-            try:
-                with weights_only_loads():
-                    loaded, client = self.engine.load_checkpoint(
-                        str(tag.parent), tag=tag.name, load_optimizer_states=True, load_lr_scheduler_states=True
-                    )
-            except Exception as e:  # DeepSpeed raises assorted errors on truncated files
-                if which != "latest":
-                    raise CheckpointError(f"{tag}: cannot load the DeepSpeed checkpoint ({e})") from None
-                log.warning("checkpoint %s is unreadable (%s); trying the previous one", tag, e)
-                continue
-            if loaded is None:
-                continue
-            return tag, client
-        return None
+    def _read(self, tag: Path) -> dict | None:
+        """Load the engine's module, optimizer and schedule; DeepSpeed's client state."""
+        with weights_only_loads():
+            loaded, client = self.engine.load_checkpoint(
+                str(tag.parent), tag=tag.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        return None if loaded is None else client
 
 
 def set_master_from_module(model, state: dict) -> None:

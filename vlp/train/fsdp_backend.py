@@ -20,22 +20,17 @@ gathered a block at a time for the forward and backward.
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import math
-import shutil
 from pathlib import Path
 
 import torch
 
 from vlp.checkpoint import architecture_only
-from vlp.checkpoint.deepspeed import MARKER, complete_tags
-from vlp.checkpoint.fsdp import BACKEND, CLIENT_FILE, fsdp_tag, is_fsdp_tag, read_client_state
-from vlp.checkpoint.writing import atomic_write_bytes, older_to_delete
+from vlp.checkpoint.fsdp import BACKEND, CLIENT_FILE, read_client_state
+from vlp.checkpoint.step_folders import StepFolderCheckpointer
+from vlp.checkpoint.writing import atomic_write_bytes
 from vlp.config import ConfigError
 from vlp.train.backend_api import TrainingBackend
-
-log = logging.getLogger(__name__)
 
 
 def check_supported(cfg, extra_module: bool, teacher: bool) -> None:
@@ -151,16 +146,16 @@ class FSDPBackend(TrainingBackend):
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
-class FSDPCheckpointer:
-    """Same interface and ``latest`` semantics as :class:`vlp.checkpoint.writing.Checkpointer`; every
-    rank calls :meth:`save` and :meth:`load` (collectives)."""
+class FSDPCheckpointer(StepFolderCheckpointer):
+    """Step folders written by ``torch.distributed.checkpoint`` (every rank its shards of the model
+    and optimizer) with vlp's training state beside them; the protocol is
+    :class:`StepFolderCheckpointer`'s."""
+
+    backend = BACKEND
 
     def __init__(self, model, optimizer, folder: Path, keep: int, is_main: bool, barrier):
-        self.model, self.optimizer, self.folder, self.keep = model, optimizer, Path(folder), keep
-        self.is_main, self.barrier = is_main, barrier
-
-    def path_for(self, step: int) -> Path:
-        return self.folder / f"step_{step:08d}"
+        super().__init__(folder, keep, is_main, barrier)
+        self.model, self.optimizer = model, optimizer
 
     def _states(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -170,58 +165,24 @@ class FSDPCheckpointer:
             "optimizer": get_optimizer_state_dict(self.model, self.optimizer),
         }
 
-    def save(self, step: int, state: dict) -> Path:
+    def _write(self, path: Path, state: dict) -> None:
         import torch.distributed.checkpoint as dcp
 
-        path = self.path_for(step)
         if self.is_main:
-            if path.exists():  # an earlier, interrupted save of this step
-                shutil.rmtree(path)
             path.mkdir(parents=True)
         self.barrier()
         dcp.save(self._states(), checkpoint_id=str(path))
         if self.is_main:
             atomic_write_bytes(path / CLIENT_FILE, lambda f: torch.save(state, f))
-        self.barrier()  # every rank's shards are on disk
-        if self.is_main:
-            marker = {"step": step, "files": sorted(p.name for p in path.iterdir()), "backend": BACKEND}
-            atomic_write_bytes(path / MARKER, lambda f: f.write(json.dumps(marker).encode()))
-            atomic_write_bytes(self.folder / "latest", lambda f: f.write(path.name.encode()))
-            tags = [t for t in complete_tags(self.folder) if is_fsdp_tag(t)]
-            for old in older_to_delete(tags, step, self.keep):
-                shutil.rmtree(old, ignore_errors=True)
-        self.barrier()
-        return path
 
-    def latest(self) -> Path | None:
-        return fsdp_tag(self.folder)
-
-    def load(self, which: str) -> tuple[Path, dict] | None:
-        """Load the shards into the model and optimizer; returns ``(folder, vlp's training state)``."""
+    def _read(self, tag: Path) -> dict:
+        """Load the shards into the model and optimizer; vlp's training state."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        if which != "latest":
-            candidates = [fsdp_tag(which)]
-            if candidates[0] is None:
-                from vlp.checkpoint import CheckpointError
-
-                raise CheckpointError(f"{which}: not a complete FSDP checkpoint folder (no {MARKER} saying fsdp)")
-        else:
-            newest = self.latest()
-            tags = [t for t in complete_tags(self.folder) if is_fsdp_tag(t)]
-            candidates = [t for t in tags if newest is None or t.name <= newest.name]
-        for tag in reversed(candidates):
-            try:
-                client = read_client_state(tag)
-                states = self._states()
-                dcp.load(states, checkpoint_id=str(tag))
-            except Exception as e:  # noqa: BLE001 - a damaged folder: the previous one is tried
-                if which != "latest":
-                    raise
-                log.warning("checkpoint %s is unreadable (%s); trying the previous one", tag, e)
-                continue
-            set_model_state_dict(self.model, states["model"])
-            set_optimizer_state_dict(self.model, self.optimizer, states["optimizer"])
-            return tag, client
-        return None
+        client = read_client_state(tag)
+        states = self._states()
+        dcp.load(states, checkpoint_id=str(tag))
+        set_model_state_dict(self.model, states["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, states["optimizer"])
+        return client
