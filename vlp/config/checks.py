@@ -92,18 +92,31 @@ def check_values(self: Config) -> Config:
 _COLOUR_HELP = "must be a colour name (white), #rrggbb, r,g,b (0-255 each) or none"
 
 
-def _is_colour(text: str) -> bool:
-    """Whether ``text`` names a colour as vlp.data.images.parse_background reads it."""
+def parse_colour(value: str | None) -> tuple[int, int, int] | None:
+    """``"white"``, ``"#808080"``, ``"128,128,128"`` -> an RGB triple; ``"none"``/``""``/None ->
+    None. Raises ValueError naming the accepted forms. (The one reader of ``data.alpha_background``
+    and ``--alpha-background``: :mod:`vlp.data.images` uses it too.)"""
     from PIL import ImageColor
 
-    text = text.strip()
-    if text.lower() in ("", "none"):
-        return True
-    if "," in text:
-        parts = text.split(",")
-        return len(parts) == 3 and all(p.strip().isdigit() and int(p) <= 255 for p in parts)
+    if value is None or str(value).strip().lower() in ("", "none"):
+        return None
+    text = str(value).strip()
     try:
-        ImageColor.getrgb(text)
+        if "," in text:
+            rgb = tuple(int(v) for v in text.split(","))
+            if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+                raise ValueError
+            return rgb  # type: ignore[return-value]
+        return ImageColor.getrgb(text)[:3]
+    except ValueError:
+        raise ValueError(
+            f"alpha background {value!r}: expected a colour name (white), #rrggbb, r,g,b (0-255 each) or none"
+        ) from None
+
+
+def _is_colour(text: str) -> bool:
+    try:
+        parse_colour(text)
     except ValueError:
         return False
     return True

@@ -26,7 +26,9 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageColor
+from PIL import Image
+
+from vlp.config.checks import parse_colour
 
 # Problems, reported by the callers as skip kinds.
 CORRUPT, TOO_LARGE, ANIMATED = "corrupt_image", "image_too_large", "animated_image"
@@ -44,23 +46,7 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
-def parse_background(value: str | None) -> tuple[int, int, int] | None:
-    """``"white"``, ``"#808080"``, ``"128,128,128"`` -> an RGB triple; ``"none"``/``""``/None ->
-    None (alpha dropped, as open_clip does). Raises ValueError naming the accepted forms."""
-    if value is None or str(value).strip().lower() in ("", "none"):
-        return None
-    text = str(value).strip()
-    try:
-        if "," in text:
-            rgb = tuple(int(v) for v in text.split(","))
-            if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
-                raise ValueError
-            return rgb  # type: ignore[return-value]
-        return ImageColor.getrgb(text)[:3]
-    except ValueError:
-        raise ValueError(
-            f"alpha background {value!r}: expected a colour name (white), #rrggbb, r,g,b (0-255 each) or none"
-        ) from None
+parse_background = parse_colour  # "white", "#rrggbb", "r,g,b" -> RGB; "none" -> None (alpha dropped)
 
 
 @dataclass(frozen=True)
