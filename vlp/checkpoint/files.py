@@ -25,12 +25,7 @@ def read_file(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device=str(map_location))
-        except Exception as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        return read_safetensors(path, map_location)[0]
     _check_container(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
@@ -44,6 +39,17 @@ def read_file(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return obj
+
+
+def read_safetensors(path: str | Path, map_location="cpu") -> tuple[dict, dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file, in one opening; CheckpointError if unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})  # noqa: SIM118 - not a dict
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own kinds for damaged files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def _check_container(path: Path) -> None:

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from vlp.checkpoint.deepspeed import is_deepspeed_checkpoint, read_as_vlp_checkpoint
-from vlp.checkpoint.files import CheckpointError, extract_state_dict, is_vlp_checkpoint, read_file
+from vlp.checkpoint.files import CheckpointError, extract_state_dict, is_vlp_checkpoint, read_file, read_safetensors
 from vlp.checkpoint.fsdp import fsdp_tag
 from vlp.checkpoint.fsdp import read_as_vlp_checkpoint as read_fsdp
-from vlp.checkpoint.safetensors_meta import exported_model_config
+from vlp.checkpoint.safetensors_meta import model_config_in
 from vlp.config import ConfigError, ModelConfig, config_from_dict
 
 KINDS = (
@@ -89,8 +89,11 @@ def resolve(path: str | Path, model_name: str | None = None) -> Resolved:
     elif not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     else:
-        obj = read_file(path)
-        saved = None if is_vlp_checkpoint(obj) else exported_model_config(path)
+        if path.suffix == ".safetensors":  # weights and metadata from one opening of the file
+            obj, metadata = read_safetensors(path)
+            saved = model_config_in(metadata, path)
+        else:
+            obj, saved = read_file(path), None
         kind = KINDS[2] if is_vlp_checkpoint(obj) else KINDS[3] if saved is not None else KINDS[4]
     if model_name:
         model_cfg = ModelConfig(name=model_name)

@@ -27,6 +27,12 @@ def exported_model_config(path: str | Path) -> ModelConfig | None:
             metadata = f.metadata() or {}
     except Exception:  # not a safetensors file at all: the caller's reader reports that
         return None
+    return model_config_in(metadata, path)
+
+
+def model_config_in(metadata: dict[str, str], path) -> ModelConfig | None:
+    """The ``ModelConfig`` a vlp export wrote into safetensors ``metadata`` (of the file ``path``);
+    None when the metadata is not a vlp export's. CheckpointError when its config does not parse."""
     if metadata.get("vlp_format") != FORMAT:
         return None
     try:
