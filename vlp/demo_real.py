@@ -85,15 +85,8 @@ def real_config(out: Path, shards: dict, overrides: list[str], quick: bool):
 def untrained_baseline(trainer) -> dict:
     """The eval tasks on the model as built: pretrained trunks, random projection heads."""
     from vlp.eval.run import evaluate_tasks, flat_metrics
-    from vlp.eval.tasks import EvalContext
-    from vlp.train.data import image_policy
 
-    ctx = EvalContext(
-        env=trainer.env,
-        preprocess=trainer.eval_preprocess,
-        batch_size=trainer.cfg.eval.batch_size,
-        image_policy=image_policy(trainer.cfg.data),
-    )
+    ctx = trainer.eval_context()
     return flat_metrics(evaluate_tasks(trainer.model, trainer.tokenizer, trainer.eval_specs, ctx))
 
 

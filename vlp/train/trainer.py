@@ -105,9 +105,10 @@ class Trainer:
         """What validation scores: the cached heads on the cached val features, or the full model."""
         if self.cached:
             return CachedRetrieval(self.build_cache, self.train_module, self.cfg.data.val_shards, self.env.device)
-        return StreamRetrieval(self.full_model, self.tokenizer, self.cfg.data.val_shards, self._eval_context(None))
+        return StreamRetrieval(self.full_model, self.tokenizer, self.cfg.data.val_shards, self.eval_context())
 
-    def _eval_context(self, plots_dir):
+    def eval_context(self, plots_dir=None):
+        """How this run evaluates: its devices, preprocessing, batch size and image policy."""
         from vlp.eval.tasks import EvalContext
 
         return EvalContext(
@@ -312,7 +313,7 @@ class Trainer:
         from vlp.eval.run import evaluate_tasks, flat_metrics
 
         self.last_eval_step = self.step
-        ctx = self._eval_context(self.out_dir / "eval")
+        ctx = self.eval_context(self.out_dir / "eval")
         # every rank extracts its share of the features; all get the same results
         with self.full_model() as model:
             results = flat_metrics(evaluate_tasks(model, self.tokenizer, self.eval_specs, ctx))
