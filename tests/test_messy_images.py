@@ -150,3 +150,16 @@ def test_vlp_eval_alpha_background_is_checked(tmp_path):
     proc = run_main("eval", "--model", "debug", "--task", "zeroshot_retrieval", "--data", rows,
                     "--alpha-background", "not-a-colour", "--output", tmp_path / "r.json", check=False)  # fmt: skip
     assert proc.returncode == 2 and "--alpha-background" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_and_caption_image_options_make_the_policy():
+    from vlp.cli import build_parser
+    from vlp.eval.cli import image_policy_of
+
+    for command in ("eval", "caption"):
+        extra = ["--task", "counting", "--data", "x"] if command == "eval" else ["--images", "x"]
+        default = image_policy_of(build_parser().parse_args([command, *extra]))
+        assert default.exif_transpose and default.background == (255, 255, 255)
+        args = build_parser().parse_args([command, *extra, "--no-exif-transpose", "--alpha-background", "0,0,0"])
+        policy = image_policy_of(args)
+        assert not policy.exif_transpose and policy.background == (0, 0, 0)
