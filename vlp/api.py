@@ -5,34 +5,47 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def load_model(path_or_name: str, model_name: str | None = None, device: str = "cpu"):
+def load_model(path_or_name: str, model_name: str | None = None, device: str = "cpu", pretrained: str | None = None):
     """Load a model for inference.
 
     ``path_or_name`` is any checkpoint :func:`vlp.checkpoint.kinds` reads (a vlp checkpoint or
-    DeepSpeed folder, whose architecture is inside; a ``vlp export`` safetensors file; an open_clip
-    weights file with ``model_name``), or an architecture name (random init). Returns ``(model,
-    preprocess, tokenizer)``: ``model.encode_image(pixels)`` and ``model.encode_text(token_ids)``
-    return L2-normalised features, ``preprocess`` maps a PIL image to a 3xHxW tensor,
-    ``tokenizer(list[str])`` returns token ids.
+    DeepSpeed / FSDP folder, whose architecture is inside; a ``vlp export`` safetensors file; an
+    open_clip folder or a Hugging Face ``CLIPModel`` folder; an open_clip weights file with
+    ``model_name``), an ``hf-hub:org/repo`` id, or an architecture name: with ``pretrained`` (an
+    open_clip tag such as ``openai``, an ``hf-hub:`` id, a folder or a file) its published weights,
+    else random init. Tags and hub ids go through the Hugging Face cache (``HF_HUB_OFFLINE``,
+    ``HF_HUB_CACHE``). Returns ``(model, preprocess, tokenizer)``: ``model.encode_image(pixels)``
+    and ``model.encode_text(token_ids)`` return L2-normalised features, ``preprocess`` maps a PIL
+    image to a 3xHxW tensor with the preprocessing the weights prescribe, ``tokenizer(list[str])``
+    returns token ids.
 
     Raises FileNotFoundError (no such file or architecture), CheckpointError (unreadable, unsafe,
-    not fitting the architecture, or a plain weights file without ``model_name``).
+    not fitting the architecture, an unknown tag, weights not in the cache while offline, a QuickGELU
+    mismatch, or a plain weights file without ``model_name``).
     """
     from vlp.checkpoint import load_state_dict_checked, resolve
-    from vlp.data.transforms import eval_transform
-    from vlp.models.registry import build_model, image_size
+    from vlp.checkpoint.published import HUB_PREFIX
+    from vlp.config import ModelConfig
+    from vlp.models.pretrained import fit_state_dict
+    from vlp.models.registry import build, eval_preprocess
     from vlp.models.tokenizer import get_tokenizer
 
-    path = Path(path_or_name)
-    if path.exists():
+    spec = str(path_or_name)
+    path = Path(spec).expanduser()
+    if pretrained or spec.startswith(HUB_PREFIX):
+        name = model_name or (ModelConfig().name if spec.startswith(HUB_PREFIX) else spec)
+        model, mcfg = build(ModelConfig(name=name, pretrained=str(pretrained or spec)))
+    elif path.exists():
         found = resolve(path, model_name)
-        name = found.model_cfg
-        model, mean, std = build_model(name)
-        load_state_dict_checked(model, found.state_dict, path, name.name)
-    elif "/" not in str(path_or_name) and not path.suffix and model_name in (None, str(path_or_name)):
-        name = str(path_or_name)  # an architecture name: random weights
-        model, mean, std = build_model(name)
+        model, mcfg = build(found.model_cfg)
+        load_state_dict_checked(model, fit_state_dict(model, found.state_dict), path, mcfg.name)
+        if mcfg.lora.rank:  # LoRA adapters merged into the base weights: the plain model, as exported
+            from vlp.models.lora import merge_lora
+
+            model = merge_lora(model)
+    elif "/" not in spec and not path.suffix and model_name in (None, spec):
+        model, mcfg = build(spec)  # an architecture name: random weights
     else:
         raise FileNotFoundError(f"checkpoint not found: {path_or_name}")
     model = model.to(device).eval()
-    return model, eval_transform(image_size(model), mean, std), get_tokenizer(name)
+    return model, eval_preprocess(model), get_tokenizer(mcfg)

@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from vlp.config import ConfigError
-
 MAX_LISTED_SKIPS = 20  # unreadable files named one by one; the rest are only counted
 
 
@@ -58,13 +56,15 @@ def run_caption_command(args) -> int:
     import vlp
     from vlp.distributed import DistEnv, resolve_device
     from vlp.eval.captioning import caption_image_list
-    from vlp.eval.cli import image_policy_of
+    from vlp.eval.cli import check_sources, image_policy_of
     from vlp.models.generate import check_captioner
 
-    if not (args.checkpoint or args.model):
-        raise ConfigError("give --checkpoint CKPT (a vlp checkpoint) or --model NAME (e.g. coca_debug)")
+    check_sources(args)
     device = resolve_device(args.device)
-    model, preprocess, tokenizer = vlp.load_model(args.checkpoint or args.model, args.model, device=device)
+    model, preprocess, tokenizer = vlp.load_model(
+        args.checkpoint or args.model or args.pretrained, args.model, device=device,
+        pretrained=None if args.checkpoint else args.pretrained or None,
+    )  # fmt: skip
     check_captioner(model)
     paths = find_images(args.images)
     captions, failed = caption_image_list(

@@ -108,7 +108,13 @@ def _add_eval(sub) -> None:
         "--data", action="append", required=True, help="data of each --task, in order (one --data serves every task)"
     )
     p.add_argument("--checkpoint", default="", help="vlp checkpoint, or open_clip file / safetensors with --model")
-    p.add_argument("--model", help="architecture (needed for open_clip files; alone: random init)")
+    p.add_argument("--model", help="architecture (needed for open_clip files and tags; alone: random init)")
+    p.add_argument(
+        "--pretrained",
+        default="",
+        help="published weights: an open_clip tag of --model (openai, laion2b_s34b_b79k, ...), hf-hub:org/repo, "
+        "an open_clip or Hugging Face CLIPModel folder (through the Hugging Face cache; see docs/pretrained.md)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--workers", type=int, default=2, help="image loading workers per rank")
     p.add_argument("--classnames", help="file (one per line) or 'imagenet' (default: folder names / _info.json)")
@@ -138,7 +144,13 @@ def _add_image_options(p) -> None:
 def _add_caption(sub) -> None:
     p = sub.add_parser("caption", help="caption images with a CoCa model: prints path<TAB>caption, writes JSON")
     p.add_argument("--checkpoint", default="", help="vlp checkpoint, or open_clip file / safetensors with --model")
-    p.add_argument("--model", help="architecture (needed for open_clip files; alone: random init)")
+    p.add_argument("--model", help="architecture (needed for open_clip files and tags; alone: random init)")
+    p.add_argument(
+        "--pretrained",
+        default="",
+        help="published weights: an open_clip tag of --model (openai, laion2b_s34b_b79k, ...), hf-hub:org/repo, "
+        "an open_clip or Hugging Face CLIPModel folder (through the Hugging Face cache; see docs/pretrained.md)",
+    )
     p.add_argument("--images", required=True, help="a folder (its image files, recursively) or a glob pattern")
     p.add_argument("--strategy", choices=("greedy", "beam", "sample"), default="beam")
     p.add_argument("--max-len", type=positive_int, default=30, help="tokens after start-of-text, end-of-text included")
@@ -161,8 +173,14 @@ def _add_export(sub) -> None:
     )
     p.add_argument(
         "--checkpoint",
-        required=True,
+        default="",
         help="vlp checkpoint (runs/NAME/checkpoints/step_*.pt), or an open_clip file with --model",
+    )
+    p.add_argument(
+        "--pretrained",
+        default="",
+        help="published weights: an open_clip tag of --model (openai, laion2b_s34b_b79k, ...), hf-hub:org/repo, "
+        "an open_clip or Hugging Face CLIPModel folder (through the Hugging Face cache; see docs/pretrained.md)",
     )
     p.add_argument(
         "--format",
@@ -279,9 +297,12 @@ def cmd_caption(args) -> int:
 def cmd_export(args) -> int:
     from vlp.export import export_checkpoint
 
+    if bool(args.checkpoint) == bool(args.pretrained):
+        raise ConfigError("vlp export: give --checkpoint CKPT or --pretrained WEIGHTS (with --model for a tag)")
     info = export_checkpoint(
-        args.checkpoint, args.format, args.out, model_name=args.model, force=args.force, check=args.check
-    )
+        args.checkpoint or args.pretrained, args.format, args.out, model_name=args.model, force=args.force,
+        check=args.check, published=bool(args.pretrained),
+    )  # fmt: skip
     print(f"vlp: exported {info['architecture']} ({info['source_kind']}) as {args.format} to {args.out}:")
     print(f"vlp:   {', '.join(info['files'])} (+ export.json)")
     if info.get("left_out"):

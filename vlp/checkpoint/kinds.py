@@ -10,8 +10,14 @@ Kinds, in the order they are tried:
   ZeRO shards consolidated to fp32; the architecture is the saved config's;
 - ``vlp checkpoint``: a training checkpoint file (``format: vlp-checkpoint-v1``); the saved config's;
 - ``vlp safetensors export``: ``vlp export --format safetensors``; the config in its metadata;
+- ``open_clip folder``: ``open_clip_config.json`` + weights (what ``vlp export --format
+  open_clip`` and open_clip's hub repos hold); the architecture and preprocessing are its config's;
+- ``Hugging Face CLIP folder``: a transformers ``CLIPModel`` folder, mapped onto the open_clip
+  architecture its config equals (:mod:`vlp.checkpoint.hf_clip`);
 - ``open_clip checkpoint``: any other weights file (``state_dict`` wrapped or bare, ``module.``
   prefixes stripped); the architecture must be named.
+
+Published weights by open_clip tag or ``hf-hub:`` id are :mod:`vlp.checkpoint.published`'s.
 
 A named architecture (``model_name``) overrides the one a file carries.
 """
@@ -24,12 +30,13 @@ from pathlib import Path
 
 import torch
 
+from vlp.checkpoint import hf_clip
 from vlp.checkpoint.deepspeed import is_deepspeed_checkpoint, read_as_vlp_checkpoint
 from vlp.checkpoint.files import CheckpointError, extract_state_dict, is_vlp_checkpoint, read_file, read_safetensors
 from vlp.checkpoint.fsdp import fsdp_tag
 from vlp.checkpoint.fsdp import read_as_vlp_checkpoint as read_fsdp
 from vlp.checkpoint.safetensors_meta import model_config_in
-from vlp.config import ConfigError, ModelConfig, config_from_dict
+from vlp.config import ConfigError, ModelConfig, PreprocessConfig, config_from_dict
 
 KINDS = (
     "vlp FSDP checkpoint",
@@ -37,6 +44,8 @@ KINDS = (
     "vlp checkpoint",
     "vlp safetensors export",
     "open_clip checkpoint",
+    "open_clip folder",
+    "Hugging Face CLIP folder",
 )
 
 
@@ -74,6 +83,8 @@ def resolve(path: str | Path, model_name: str | None = None) -> Resolved:
         CheckpointError: unreadable, unsafe to unpickle, or a saved config that does not parse.
     """
     path = Path(path)
+    if path.is_dir() and ((path / "open_clip_config.json").is_file() or hf_clip.model_type(path) is not None):
+        return _published_folder(path, model_name)
     if path.is_dir():
         if fsdp_tag(path) is not None:
             obj, kind, saved = read_fsdp(path), KINDS[0], None
@@ -107,7 +118,29 @@ def resolve(path: str | Path, model_name: str | None = None) -> Resolved:
             f"tried: {', '.join(KINDS[:4])} (their architecture is inside), and {KINDS[4]} (needs it named)"
         )
     checkpoint = obj if is_vlp_checkpoint(obj) else None
-    return Resolved(path, kind, model_cfg, extract_state_dict(obj), checkpoint)
+    own = architecture_of(obj, path) if checkpoint is not None else saved
+    if own is not None and model_name:  # the weights' preprocessing stays theirs
+        model_cfg = dataclasses.replace(model_cfg, preprocess=own.preprocess)
+    return Resolved(path, kind, model_cfg, extract_state_dict(obj), checkpoint, preprocess_in(own))
+
+
+def _published_folder(path: Path, model_name: str | None) -> Resolved:
+    """An open_clip or Hugging Face CLIP folder: its own architecture unless one is named."""
+    from vlp.checkpoint.published import describe
+
+    src = describe(str(path), model_name)
+    kind = KINDS[5] if src.kind == "open_clip folder" else KINDS[6]
+    pp = {k: list(v) if isinstance(v, tuple) else v for k, v in src.preprocess.items() if k != "fill_color"}
+    model_cfg = ModelConfig(name=model_name or src.arch, preprocess=PreprocessConfig(**pp))
+    return Resolved(path, kind, model_cfg, src.read(), None, pp or None)
+
+
+def preprocess_in(mcfg: ModelConfig | None) -> dict | None:
+    """The preprocessing fields a saved model config sets (None when it sets none)."""
+    if mcfg is None:
+        return None
+    pp = {k: v for k, v in dataclasses.asdict(mcfg.preprocess).items() if v}
+    return pp or None
 
 
 def architecture_of(obj: dict, path) -> ModelConfig:

@@ -41,6 +41,9 @@ def check_values(self: Config) -> Config:
             "is required when model.name is custom",
         ),
         ("model.vision.mean", len(m.vision.mean) in (0, 3), "must be empty or 3 numbers"),
+        ("model.preprocess.mean", len(m.preprocess.mean) in (0, 3), "must be empty or 3 numbers"),
+        ("model.preprocess.std", len(m.preprocess.std) in (0, 3) and all(x > 0 for x in m.preprocess.std),
+         "must be empty or 3 positive numbers"),
         ("model.vision.std", len(m.vision.std) in (0, 3), "must be empty or 3 numbers"),
         ("model.vision.unlocked_groups", m.vision.unlocked_groups >= 0, "must be >= 0"),
         ("model.text.unlocked_layers", m.text.unlocked_layers >= 0, "must be >= 0"),
@@ -50,6 +53,7 @@ def check_values(self: Config) -> Config:
         ("train.deepspeed.zero_stage", self.train.deepspeed.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3"),
         ("train.max_bad_steps", self.train.max_bad_steps >= 0, "must be >= 0"),
     ]
+    checks += _lora_checks(m)
     dl = self.loss.distill
     checks += [
         ("loss.caption_weight", self.loss.caption_weight >= 0, "must be >= 0"),
@@ -87,6 +91,33 @@ def check_values(self: Config) -> Config:
         if not ok:
             raise ConfigError(f"config key '{key}' = {_get(self, key)!r} {msg}")
     return self
+
+
+def _lora_checks(m) -> list[tuple[str, bool, str]]:
+    """model.lora: ranges, and what LoRA replaces or would leave untrained."""
+    lo = m.lora
+    checks = [
+        ("model.lora.rank", lo.rank >= 0, "must be >= 0 (0 = off)"),
+        ("model.lora.alpha", lo.alpha > 0, "must be > 0"),
+        ("model.lora.dropout", 0 <= lo.dropout < 1, "must be in [0, 1)"),
+    ]
+    if lo.rank > 0:
+        names = [t.strip() for t in lo.targets]
+        checks += [
+            ("model.lora.targets", bool(names) and all(names), "must name at least one layer (and no empty name)"),
+            (
+                "model.vision.lock",
+                not m.vision.lock,
+                "cannot be combined with model.lora (LoRA freezes every base weight itself)",
+            ),
+            ("model.text.lock", not m.text.lock, "cannot be combined with model.lora (LoRA freezes every base weight)"),
+            (
+                "model.itm_head",
+                not m.itm_head,
+                "cannot be combined with model.lora: the new head would stay frozen at its random init",
+            ),
+        ]
+    return checks
 
 
 _COLOUR_HELP = "must be a colour name (white), #rrggbb, r,g,b (0-255 each) or none"

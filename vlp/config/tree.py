@@ -56,13 +56,65 @@ class TextTowerConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = _f(
+        0,
+        "Rank r of the LoRA adapters (peft) on the layers named by `targets` (0 = off). With r > 0 every base "
+        "weight is frozen: only the adapters (and the logit scale, see `train_logit_scale`) train.",
+    )
+    alpha: float = _f(16.0, "LoRA alpha: an adapter's update is scaled by alpha / rank.")
+    dropout: float = _f(
+        0.0,
+        "Dropout on the input of the adapters of linear layers (`c_fc`, `c_proj`); the attention adapters are "
+        "added to the weights for the forward, where input dropout cannot apply.",
+    )
+    targets: list[str] = _f(
+        ["attn", "c_fc", "c_proj"],
+        "Layers that get adapters, by name or dotted name suffix (peft's `target_modules`): `attn`, each "
+        "transformer block's `nn.MultiheadAttention` (peft adapts its packed q/k/v projection and its output "
+        "projection together; `out_proj` alone would never be called), `c_fc` / `c_proj`, the MLP's linear "
+        "layers, in both towers. Other towers (timm, Hugging Face) name theirs differently (e.g. `qkv`, `fc1`, "
+        "`query`): a name that matches no linear or attention layer is an error listing the model's names.",
+    )
+    train_logit_scale: bool = _f(True, "Also train the logit scale (and a SigLIP logit bias) besides the adapters.")
+
+
+@dataclass
+class PreprocessConfig:
+    mean: list[float] = _f(
+        [], "Image normalisation mean (empty = the pretrained weights' own, else the architecture's)."
+    )
+    std: list[float] = _f([], "Image normalisation std (empty = the pretrained weights' own, else the architecture's).")
+    interpolation: Literal["", "bicubic", "bilinear"] = _f(
+        "", "Resampling filter of the evaluation resize ('' = the weights' own, else bicubic)."
+    )
+    resize_mode: Literal["", "shortest", "longest", "squash"] = _f(
+        "",
+        "Evaluation resize: `shortest` side to the input size then centre crop (OpenAI's), `squash` to a square "
+        "ignoring the aspect ratio (SigLIP's), `longest` side then pad ('' = the weights' own, else shortest).",
+    )
+
+
+@dataclass
 class ModelConfig:
     name: str = _f(
         "debug",
         "Architecture: an open_clip model name (`ViT-B-32`, `RN50`, ...) or a vlp one; `custom` = both towers "
         "from `model.vision` / `model.text`.",
     )
-    pretrained: str = _f("", "Local open_clip or vlp checkpoint file to initialise from ('' = random).")
+    pretrained: str = _f(
+        "",
+        "Initial weights ('' = random): an open_clip tag of `name` (`openai`, `laion2b_s34b_b79k`, ...), "
+        "`hf-hub:org/repo`, an open_clip folder or file, a Hugging Face `CLIPModel` folder, or a vlp checkpoint. "
+        "Tags and hub repos go through the Hugging Face cache (`HF_HUB_OFFLINE`, `HF_HUB_CACHE`); see "
+        "docs/pretrained.md. Their preprocessing fills `model.preprocess`.",
+    )
+    force_quick_gelu: bool = _f(
+        False,
+        "Build `name` with QuickGELU activations (open_clip's `force_quick_gelu`): for weights trained with "
+        "them on an architecture that has no `-quickgelu` variant.",
+    )
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "Autocast precision of the forward pass.")
     embed_dim: int = _f(0, "Joint embedding width (0 = the architecture's; required for `custom`).")
     vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
@@ -92,6 +144,7 @@ class ModelConfig:
         "Store convolution weights channels-last (NHWC): convolutional image towers ran ~10% faster on CPU "
         "(RN50); a ViT's single patchify convolution gains nothing measurable.",
     )
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

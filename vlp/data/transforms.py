@@ -93,11 +93,21 @@ def train_transform(size: int, crop_scale: Sequence[float] = (0.9, 1.0), resize:
     return Compose([crop, _rgb, PILToTensor()])
 
 
-def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]):
-    """PIL image -> float tensor 3xSxS: resize the short side to S, centre crop, normalise."""
+def eval_transform(
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str = "bicubic",
+    resize_mode: str = "shortest",
+):
+    """PIL image -> float tensor 3xSxS, open_clip's evaluation transform: ``resize_mode``
+    ``shortest`` resizes the short side to S and centre-crops, ``squash`` resizes to S x S,
+    ``longest`` resizes the long side to S and pads; ``interpolation`` bicubic or bilinear; normalise."""
     import open_clip
 
-    return open_clip.image_transform(size, is_train=False, mean=mean, std=std)
+    return open_clip.image_transform(
+        size, is_train=False, mean=mean, std=std, interpolation=interpolation or None, resize_mode=resize_mode or None
+    )
 
 
 class DeviceNormalize:

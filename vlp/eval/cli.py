@@ -29,14 +29,42 @@ def image_policy_of(args) -> ImagePolicy:
         raise ConfigError(f"--alpha-background: {e}") from None
 
 
+def describe_loaded(model, args) -> str:
+    """``model ViT-B-32-quickgelu from pretrained 'openai'; images: 224 px, mean ...`` for the start-up line."""
+    from vlp.models.pretrained import describe_preprocess
+    from vlp.models.registry import preprocess_of
+
+    source = f"checkpoint {args.checkpoint}" if args.checkpoint else f"pretrained '{args.pretrained}'"
+    what = (
+        f"{args.model or ''} from {source}".strip()
+        if args.checkpoint or args.pretrained
+        else f"{args.model}, random init"
+    )
+    return f"model {what}; images: {describe_preprocess(preprocess_of(model))}"
+
+
+def check_sources(args) -> None:
+    """One of --checkpoint / --pretrained / --model, and not a checkpoint with published weights."""
+    if args.checkpoint and args.pretrained:
+        raise ConfigError("give --checkpoint (trained weights) or --pretrained (published weights), not both")
+    if not (args.checkpoint or args.pretrained or args.model):
+        raise ConfigError("give --checkpoint CKPT, --pretrained WEIGHTS (with --model for a tag) or --model NAME")
+
+
 def run_eval_command(args) -> int:
     from vlp.api import load_model
 
+    check_sources(args)
     policy = image_policy_of(args)  # an option mistake stops before any data or model is read
     env = init_process(args.device)
     try:
         specs = _specs(args)
-        model, preprocess, tokenizer = load_model(args.checkpoint or args.model, args.model, device=env.device)
+        model, preprocess, tokenizer = load_model(
+            args.checkpoint or args.model or args.pretrained, args.model, device=env.device,
+            pretrained=None if args.checkpoint else args.pretrained or None,
+        )  # fmt: skip
+        if env.is_main:
+            print(f"vlp eval: {describe_loaded(model, args)}", flush=True)
         out = Path(args.output)
         ctx = EvalContext(
             env=env,
@@ -47,7 +75,8 @@ def run_eval_command(args) -> int:
             image_policy=policy,
         )
         name = args.model or ("vlp checkpoint" if args.checkpoint else "")
-        results = evaluate_tasks(model, tokenizer, specs, ctx, model_name=name, pretrained=args.checkpoint)
+        source = args.checkpoint or args.pretrained
+        results = evaluate_tasks(model, tokenizer, specs, ctx, model_name=name, pretrained=source)
         if env.is_main:
             print(format_table(results))
             print(f"vlp eval: results in {write_results(results, out)}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from vlp.export import hf_dir, open_clip_dir, safetensors_file
 from vlp.export.errors import ExportError
 from vlp.export.outdir import prepare_out_dir, write_export_json
-from vlp.export.source import ExportSource, load_source
+from vlp.export.source import ExportSource, load_published, load_source
 
 log = logging.getLogger(__name__)
 FORMATS = {"open_clip": open_clip_dir, "hf": hf_dir, "safetensors": safetensors_file}
@@ -66,8 +66,11 @@ def export_checkpoint(
     model_name: str | None = None,
     force: bool = False,
     check: bool = False,
+    published: bool = False,
 ) -> dict:
-    """``vlp export``: :func:`load_source` then :func:`export_model`; see both for what is raised."""
+    """``vlp export``: :func:`load_source` (``published``: :func:`load_published`, ``checkpoint``
+    being a pretrained value) then :func:`export_model`; see them for what is raised."""
     if fmt not in FORMATS:  # before the (possibly large) checkpoint is read
         raise ExportError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
-    return export_model(load_source(checkpoint, model_name), fmt, out, force=force, check=check)
+    source = load_published(checkpoint, model_name) if published else load_source(checkpoint, model_name)
+    return export_model(source, fmt, out, force=force, check=check)

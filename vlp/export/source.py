@@ -7,6 +7,7 @@ place that knows the kinds) and rebuilds its model; every format adapter receive
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,8 @@ def load_source(path: str | Path, model_name: str | None = None) -> ExportSource
         CheckpointError: unreadable, unsafe to unpickle, or weights that do not fit the architecture.
         ExportError: a folder that is not a DeepSpeed checkpoint, or a plain weights file without ``model_name``.
     """
-    from vlp.models.registry import build_model
+    from vlp.models.pretrained import fit_state_dict
+    from vlp.models.registry import build
 
     try:
         found = resolve(path, model_name)
@@ -62,6 +64,34 @@ def load_source(path: str | Path, model_name: str | None = None) -> ExportSource
             f"{path} is not a vlp checkpoint (no 'format': 'vlp-checkpoint-v1') nor a vlp safetensors "
             "export; for an open_clip checkpoint file pass --model NAME, its architecture (e.g. ViT-B-32)"
         ) from None
-    model, mean, std = build_model(found.model_cfg)
-    load_state_dict_checked(model, found.state_dict, found.path, found.model_cfg.name)
-    return ExportSource(found.path, found.kind, model.eval(), found.model_cfg, tuple(mean), tuple(std))
+    model, mcfg = build(found.model_cfg)
+    load_state_dict_checked(model, fit_state_dict(model, found.state_dict), found.path, mcfg.name)
+    if mcfg.lora.rank:  # exported as the plain model: adapters merged into the base weights
+        from vlp.models.lora import merge_lora, without_lora
+
+        model, mcfg = merge_lora(model), without_lora(mcfg)
+    pp = mcfg.preprocess
+    return ExportSource(found.path, found.kind, model.eval(), mcfg, tuple(pp.mean), tuple(pp.std))
+
+
+def load_published(pretrained: str, model_name: str | None = None) -> ExportSource:
+    """Published weights (an open_clip tag of ``model_name``, ``hf-hub:`` id, folder or file; see
+    :mod:`vlp.checkpoint.published`) as an export source, with their preprocessing."""
+    from vlp.config import ModelConfig
+    from vlp.models.registry import build
+
+    mcfg = (
+        ModelConfig(name=model_name, pretrained=str(pretrained))
+        if model_name
+        else ModelConfig(pretrained=str(pretrained))
+    )
+    model, mcfg = build(mcfg)
+    pp = mcfg.preprocess
+    return ExportSource(
+        Path(str(pretrained)),
+        "published weights",
+        model.eval(),
+        dataclasses.replace(mcfg, pretrained=""),
+        tuple(pp.mean),
+        tuple(pp.std),
+    )

@@ -7,37 +7,31 @@ state dict, tokenizer and preprocessing are open_clip's, which is what makes exp
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
-from functools import lru_cache
-from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+from vlp.checkpoint import architectures
+
+CONFIG_DIR = architectures.VLP_CONFIG_DIR
 
 
 class UnknownModelError(ValueError):
     pass
 
 
-@lru_cache(maxsize=1)
-def _register_vlp_configs() -> None:
-    open_clip.add_model_config(CONFIG_DIR)
-
-
 def list_models() -> list[str]:
     """All architecture names: open_clip's plus vlp's own."""
-    _register_vlp_configs()
-    return sorted(open_clip.list_models())
+    return architectures.names()
 
 
 def get_model_config(name: str) -> dict:
     """The architecture dict of ``name``; raises UnknownModelError with close matches."""
-    _register_vlp_configs()
-    cfg = open_clip.get_model_config(name)
+    cfg = architectures.config_of(name)
     if cfg is None:
         close = difflib.get_close_matches(name, open_clip.list_models(), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -85,32 +79,51 @@ def normalized_by_default(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def build_model(name, *, pretrained: str = "", device: str | torch.device = "cpu"):
+    """Build an architecture: ``name`` is a registered name or a ``vlp.config.ModelConfig``.
+    Returns ``(model, image_mean, image_std)``; see :func:`build` (which also returns the config).
+    """
+    model, mcfg = build(name, pretrained=pretrained, device=device)
+    return model, tuple(mcfg.preprocess.mean), tuple(mcfg.preprocess.std)
+
+
+def build(name, *, pretrained: str = "", device: str | torch.device = "cpu"):
     """Build an architecture: ``name`` is a registered name or a ``vlp.config.ModelConfig`` (whose
     ``vision`` / ``text`` sections can replace the towers with pretrained timm / Hugging Face ones
-    and lock them, see :mod:`vlp.models.towers`). Random init, or weights from a local checkpoint.
+    and lock them, see :mod:`vlp.models.towers`). Random init, or the weights ``pretrained`` (or
+    ``model.pretrained``) names: an open_clip tag, an ``hf-hub:`` repo, a folder or a checkpoint
+    (:mod:`vlp.checkpoint.published`).
 
-    Returns ``(model, image_mean, image_std)``; ``model(image, text)`` returns open_clip's output
-    dict with normalised features and ``logit_scale`` as the multiplier (exp of the parameter).
+    Returns ``(model, mcfg)``: ``model(image, text)`` returns open_clip's output dict with
+    normalised features and ``logit_scale`` as the multiplier (exp of the parameter); ``mcfg`` is
+    the ModelConfig that rebuilds it (the weights' architecture named, ``preprocess`` filled in:
+    size aside, the image preprocessing is ``model.visual.preprocess_cfg``, open_clip's place).
 
     Raises:
         UnknownModelError: ``name`` is not a registered architecture.
-        FileNotFoundError / CheckpointError: ``pretrained`` or a tower's weights are missing or do not fit.
+        FileNotFoundError / CheckpointError: the pretrained weights or a tower's are missing, unsafe
+            or do not fit (QuickGELU included).
     """
+    from vlp.config import ModelConfig
     from vlp.models import towers
+    from vlp.models.pretrained import with_pretrained
 
-    mcfg = None if isinstance(name, str) else name
-    if mcfg is not None:
-        name, pretrained = mcfg.name, pretrained or mcfg.pretrained
-    if mcfg is None or mcfg.name != "custom":
+    mcfg = ModelConfig(name=name) if isinstance(name, str) else name
+    if pretrained:
+        mcfg = dataclasses.replace(mcfg, pretrained=str(pretrained))
+    mcfg, source = with_pretrained(mcfg)
+    name = mcfg.name
+    if name != "custom":
         get_model_config(name)  # clear error before open_clip's own
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # open_clip warns "initialized randomly" on the root logger
     try:
-        if mcfg is not None and towers.needs_custom_build(mcfg):
+        if towers.needs_custom_build(mcfg):
             model = towers.build_custom(mcfg, device=device)
         else:
-            model = open_clip.create_model(name, pretrained=None, device=device, output_dict=True)
+            model = open_clip.create_model(
+                name, pretrained=None, device=device, output_dict=True, force_quick_gelu=mcfg.force_quick_gelu
+            )
     finally:
         root.setLevel(level)
     model = normalized_by_default(model)
@@ -119,19 +132,68 @@ def build_model(name, *, pretrained: str = "", device: str | torch.device = "cpu
 
         init_multimodal_decoder(model.text_decoder)
         vlp_coca_forward(model)
-    if mcfg is not None and mcfg.itm_head:
+    if mcfg.itm_head:
         from vlp.models.itm import add_itm_head
 
         add_itm_head(model)
-    if pretrained:
-        from vlp.checkpoint import load_weights
+    if source is not None:
+        mcfg = _load_pretrained(model, source, mcfg)
+    if mcfg.lora.rank > 0:  # on the loaded base weights, which it then freezes
+        from vlp.models.lora import apply_lora
 
-        load_weights(model, pretrained, model_name=name)
+        apply_lora(model, mcfg.lora, where=name)
     apply_model_options(model, mcfg)
-    pp = getattr(model.visual, "preprocess_cfg", {}) or {}
-    mean = tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
-    std = tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
-    return model, mean, std
+    return model, _settle_preprocess(model, mcfg)
+
+
+def _load_pretrained(model: torch.nn.Module, source, mcfg):
+    """Load ``source``'s weights; a checkpoint's saved preprocessing fills what ``mcfg`` leaves empty."""
+    from vlp.checkpoint import load_state_dict_checked, resolve
+    from vlp.models.pretrained import fit_state_dict, load_source
+
+    if source.kind != "checkpoint":
+        load_source(model, source, mcfg.name)
+        return mcfg
+    found = resolve(source.spec, mcfg.name)
+    load_state_dict_checked(model, fit_state_dict(model, found.state_dict), found.path, mcfg.name)
+    saved = found.preprocess or {}
+    fields = {k: v for k, v in saved.items() if not getattr(mcfg.preprocess, k)}
+    return dataclasses.replace(mcfg, preprocess=dataclasses.replace(mcfg.preprocess, **fields)) if fields else mcfg
+
+
+def _settle_preprocess(model: torch.nn.Module, mcfg):
+    """Set ``model.visual.preprocess_cfg`` to the architecture's preprocessing overridden by
+    ``mcfg.preprocess``, and return ``mcfg`` with every preprocessing field filled in."""
+    from open_clip.transform import PreprocessCfg
+
+    pp = {**dataclasses.asdict(PreprocessCfg()), **(getattr(model.visual, "preprocess_cfg", None) or {})}
+    pp["size"] = getattr(model.visual, "image_size", pp["size"])
+    for key in ("mean", "std", "interpolation", "resize_mode"):
+        if getattr(mcfg.preprocess, key):
+            pp[key] = getattr(mcfg.preprocess, key)
+    pp["mean"], pp["std"] = tuple(float(x) for x in pp["mean"]), tuple(float(x) for x in pp["std"])
+    model.visual.preprocess_cfg = pp
+    filled = dataclasses.replace(
+        mcfg.preprocess, mean=list(pp["mean"]), std=list(pp["std"]),
+        interpolation=pp["interpolation"], resize_mode=pp["resize_mode"],
+    )  # fmt: skip
+    return dataclasses.replace(mcfg, preprocess=filled)
+
+
+def preprocess_of(model: torch.nn.Module) -> dict:
+    """The model's image preprocessing (open_clip's ``preprocess_cfg``: size, mean, std,
+    interpolation, resize_mode, fill_color), as :func:`build` set it."""
+    return dict(model.visual.preprocess_cfg)
+
+
+def eval_preprocess(model: torch.nn.Module):
+    """PIL image -> normalised 3xSxS tensor, as the model's weights prescribe (see :func:`preprocess_of`)."""
+    from vlp.data.transforms import eval_transform
+
+    pp = preprocess_of(model)
+    return eval_transform(
+        image_size(model), pp["mean"], pp["std"], interpolation=pp["interpolation"], resize_mode=pp["resize_mode"]
+    )
 
 
 def apply_model_options(model: torch.nn.Module, mcfg=None) -> None:

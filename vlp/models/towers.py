@@ -67,6 +67,8 @@ def open_clip_config(mcfg) -> dict:
         cfg = copy.deepcopy(get_model_config(mcfg.name))
     if mcfg.embed_dim:
         cfg["embed_dim"] = mcfg.embed_dim
+    if mcfg.force_quick_gelu:
+        cfg["quick_gelu"] = True
     v, t = mcfg.vision, mcfg.text
     if v.timm_model_name:
         _require("timm", "model.vision.timm_model_name")

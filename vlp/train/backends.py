@@ -75,6 +75,11 @@ def _init_deepspeed(train_cfg, world: int, local_rank: int, device: torch.device
 def check_supported(cfg, extra_captions: bool, teacher: bool) -> None:
     """ConfigError (one line) for what ``train.backend`` cannot train; called before any process
     group starts, so a refused run leaves nothing behind."""
+    if cfg.model.lora.rank and cfg.train.backend == "deepspeed" and cfg.train.deepspeed.zero_stage == 3:
+        raise ConfigError(
+            "train.deepspeed.zero_stage=3 with model.lora: LoRA adds its update to the attention weights inside "
+            "the forward, which reads ZeRO-3's empty partitions; use zero_stage 1 or 2, or train.backend=fsdp"
+        )
     if cfg.train.backend == "deepspeed":
         from vlp.train.deepspeed_backend import check_supported as deepspeed_supported
 

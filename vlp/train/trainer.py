@@ -13,11 +13,13 @@ import torch
 
 from vlp.checkpoint import CheckpointError, training_state
 from vlp.config import Config, ConfigError, save_config
-from vlp.data.transforms import DeviceNormalize, eval_transform
+from vlp.data.transforms import DeviceNormalize
 from vlp.distributed import DistEnv, all_gather_objects, barrier
 from vlp.losses import Objective
+from vlp.models import lora
 from vlp.models.extras import ExtraTexts
-from vlp.models.registry import build_model, image_size
+from vlp.models.pretrained import describe_preprocess, describe_weights
+from vlp.models.registry import build, eval_preprocess, preprocess_of
 from vlp.models.tokenizer import get_tokenizer
 from vlp.models.towers import trainable_count
 from vlp.train import backends, run_folder
@@ -53,10 +55,16 @@ class Trainer:
         self._check_settings()
         self.eval_specs = self._load_eval_specs()
         _seed_everything(t.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-        self.model, self.mean, self.std = build_model(cfg.model)
+        # the weights' architecture and preprocessing go into the config every checkpoint saves
+        self.model, cfg.model = build(cfg.model)
+        self.mean, self.std = tuple(cfg.model.preprocess.mean), tuple(cfg.model.preprocess.std)
         self.model.to(dev)
+        if self.env.is_main:
+            print(f"vlp: model {describe_weights(cfg.model)}; images: {describe_preprocess(preprocess_of(self.model))}")
+        if self.env.is_main and cfg.model.lora.rank:  # before a backend shards the parameters
+            print(f"vlp: {lora.describe(self.model, cfg.model.lora.rank)}", flush=True)
         self.tokenizer = get_tokenizer(cfg.model)
-        self.eval_preprocess = eval_transform(image_size(self.model), self.mean, self.std)
+        self.eval_preprocess = eval_preprocess(self.model)
         self.normalize = DeviceNormalize(self.mean, self.std)  # training batches' uint8 images, on the device
         self.cached = self._use_feature_cache()
         # with cached trunk features only the heads run in a step; they share the model's parameters
@@ -134,14 +142,15 @@ class Trainer:
     def _use_feature_cache(self) -> bool:
         ok, why = cache_supported(self.model)
         trainable, total = trainable_count(self.model)
-        if self.env.is_main and trainable < total:
+        locked = trainable < total and not self.cfg.model.lora.rank  # LoRA's line is printed at the build
+        if self.env.is_main and locked:
             print(f"vlp: training {trainable:,} of {total:,} parameters (locked towers)", flush=True)
         if ok and self.cfg.loss.distill.enabled:
             ok, why = False, "momentum distillation runs the towers of its teacher"
         if ok and self._extra_captions():
             ok, why = False, "hard negatives, counterfactuals and minimal pairs are read from every batch"
         if self.cfg.model.cache_features == "off" or not ok:
-            if self.cfg.model.cache_features == "auto" and trainable < total:
+            if self.cfg.model.cache_features == "auto" and locked:
                 log.info("trunk features are not cached: %s", why)
             return False
         if self.cfg.data.train_weights:
