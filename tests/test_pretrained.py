@@ -20,7 +20,12 @@ from vlp.checkpoint import CheckpointError
 OPENAI_REPO = "timm/vit_base_patch32_clip_224.openai"
 LAION_REPO = "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
 SQUASH_REPO = "vlp-test/debug-squash"
-SQUASH_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear", "resize_mode": "squash"}
+SQUASH_PREPROCESS = {
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.5, 0.5, 0.5],
+    "interpolation": "bilinear",
+    "resize_mode": "squash",
+}
 
 
 def _debug_cfg() -> dict:
@@ -114,7 +119,9 @@ def test_siglip_tag_brings_its_preprocessing():
 
 
 def test_quick_gelu_mismatch_is_one_line_naming_the_architecture(offline):
-    with pytest.raises(CheckpointError, match="trained with QuickGELU but ViT-B-32 uses GELU: use model.name ViT-B-32-quickgelu"):
+    with pytest.raises(
+        CheckpointError, match="trained with QuickGELU but ViT-B-32 uses GELU: use model.name ViT-B-32-quickgelu"
+    ):
         vlp.load_model("ViT-B-32", pretrained="openai")
     with pytest.raises(CheckpointError, match="'laion2b_s34b_b79k' is not an open_clip tag of ViT-B-32-quickgelu"):
         vlp.load_model("ViT-B-32-quickgelu", pretrained="laion2b_s34b_b79k")
@@ -129,7 +136,9 @@ def test_force_quick_gelu_is_the_override(offline):
 
 
 def test_unknown_tag_and_offline_miss_are_one_line(offline):
-    with pytest.raises(CheckpointError, match="'nope' is not an open_clip tag of ViT-B-32 .*its tags: .*laion2b_s34b_b79k"):
+    with pytest.raises(
+        CheckpointError, match="'nope' is not an open_clip tag of ViT-B-32 .*its tags: .*laion2b_s34b_b79k"
+    ):
         vlp.load_model("ViT-B-32", pretrained="nope")
     with pytest.raises(CheckpointError) as e:
         vlp.load_model("ViT-B-32-quickgelu", pretrained="laion400m_e31")
@@ -148,7 +157,10 @@ def test_pickle_in_the_cache_is_refused_without_running(offline):
 
 
 def test_named_architecture_must_fit_the_repo(offline):
-    with pytest.raises(CheckpointError, match="model.name debug-wide is not the architecture of pretrained 'hf-hub:vlp-test/debug-squash' \\(debug"):
+    with pytest.raises(
+        CheckpointError,
+        match="model.name debug-wide is not the architecture of pretrained 'hf-hub:vlp-test/debug-squash' \\(debug",
+    ):
         vlp.load_model("debug-wide", pretrained=f"hf-hub:{SQUASH_REPO}")
 
 
@@ -166,7 +178,9 @@ def _hf_clip_folder(path, act="gelu"):
     torch.manual_seed(3)
     model = CLIPModel(config).eval()
     model.save_pretrained(path)
-    CLIPImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"shortest_edge": 64}, crop_size=64).save_pretrained(path)
+    CLIPImageProcessor(
+        image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"shortest_edge": 64}, crop_size=64
+    ).save_pretrained(path)
     return model
 
 
@@ -201,5 +215,104 @@ def test_hugging_face_clip_folder_with_quick_gelu_is_the_quickgelu_architecture(
     from vlp.checkpoint.published import describe
 
     _hf_clip_folder(tmp_path / "hf", act="quick_gelu")
-    with pytest.raises(CheckpointError, match="no registered open_clip architecture builds this CLIPModel .*quick_gelu"):
+    with pytest.raises(
+        CheckpointError, match="no registered open_clip architecture builds this CLIPModel .*quick_gelu"
+    ):
         describe(str(tmp_path / "hf"))
+
+
+def test_vlp_eval_with_a_tag_gives_clip_benchmarks_numbers(offline, tmp_path, monkeypatch):
+    """`vlp eval --model ARCH --pretrained TAG` against CLIP_benchmark's own loader
+    (`clip_benchmark.models.load_clip`) and metrics for the same ARCH and TAG, on the same data."""
+    import builtins
+
+    zc = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
+    zr = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")
+    from clip_benchmark.models import load_clip
+    from torchvision.datasets import ImageFolder
+
+    from tests.conftest import run_main
+
+    # clip-benchmark 1.6.2 calls float() on a 1-element array, which numpy >= 2.4 rejects
+    monkeypatch.setattr(zc, "float", lambda x: builtins.float(np.asarray(x).item()), raising=False)
+    g = np.random.default_rng(0)
+    classes = ["cat", "dog", "fish", "bird", "frog", "tree"]
+    for c in classes:
+        (tmp_path / "folder" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(g.integers(0, 255, (40, 70, 3), dtype=np.uint8)).save(tmp_path / "folder" / c / f"{i}.png")
+    rows = [
+        {"image": f"folder/{c}/{i}.png", "captions": [f"a photo of a {c} number {i}"]}
+        for c in classes
+        for i in range(2)
+    ]
+    (tmp_path / "ret.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    templates = ["a photo of a {c}.", "itap of a {c}."]
+    (tmp_path / "templates.txt").write_text("\n".join(templates) + "\n")
+    out = tmp_path / "ours.json"
+    proc = run_main(
+        "eval", "--model", "ViT-B-32-quickgelu", "--pretrained", "openai",
+        "--task", "zeroshot_classification", "--data", tmp_path / "folder", "--templates", tmp_path / "templates.txt",
+        "--task", "zeroshot_retrieval", "--data", tmp_path / "ret.jsonl",
+        "--output", out, "--workers", "0", "--batch-size", "6",
+    )  # fmt: skip
+    assert "model ViT-B-32-quickgelu from pretrained 'openai'; images: 224 px" in proc.stdout
+    results = json.loads(out.read_text())
+    assert {r["pretrained"] for r in results} == {"openai"}
+    ours = {r["task"]: r["metrics"] for r in results}
+
+    model, preprocess, tok = load_clip("open_clip", "ViT-B-32-quickgelu", "openai", cache_dir=None, device="cpu")
+    model.eval()
+    folder = ImageFolder(str(tmp_path / "folder"), transform=preprocess)
+    loader = torch.utils.data.DataLoader(folder, batch_size=6)
+    theirs = zc.evaluate(model, loader, tok, folder.classes, templates, "cpu", amp=False)
+    for k in ("acc1", "acc5", "mean_per_class_recall"):
+        assert ours["zeroshot_classification"][k] == pytest.approx(theirs[k], abs=1e-6), k
+    pairs = [(preprocess(Image.open(tmp_path / r["image"])), r["captions"]) for r in rows]
+    ret_loader = torch.utils.data.DataLoader(
+        pairs, batch_size=6, collate_fn=lambda b: (torch.stack([x for x, _ in b]), [c for _, c in b])
+    )
+    theirs = zr.evaluate(model, ret_loader, tok, "cpu", amp=False, recall_k_list=[1, 5, 10])
+    for k, v in theirs.items():
+        assert ours["zeroshot_retrieval"][k] == pytest.approx(v, abs=1e-6), k
+
+
+def test_training_from_a_hub_repo_saves_its_preprocessing_in_the_checkpoint(offline, shapes_shards, tmp_path):
+    """`model.pretrained: hf-hub:...` starts from the repo's weights; the checkpoint's config names
+    the architecture and carries the repo's preprocessing, which every later load uses."""
+    from tests.conftest import run_main
+    from tests.distributed import backend_run_sets
+    from vlp.checkpoint import read_file
+
+    out = tmp_path / "run"
+    proc = run_main(
+        "train", "--config", "configs/demo.yaml",
+        *backend_run_sets(shapes_shards, out, f"model.pretrained=hf-hub:{SQUASH_REPO}", "train.steps=2"),
+    )  # fmt: skip
+    assert f"model debug from pretrained 'hf-hub:{SQUASH_REPO}'; images: 64 px, mean (0.5, 0.5, 0.5)" in proc.stdout
+    assert "bilinear squash to a square" in proc.stdout
+    ckpt = out / "checkpoints" / "step_00000002.pt"
+    saved = read_file(ckpt)["config"]["model"]
+    assert saved["name"] == "debug" and saved["preprocess"] == {**SQUASH_PREPROCESS}
+    model, pre, _ = vlp.load_model(str(ckpt))
+    assert (model.visual.preprocess_cfg["resize_mode"], model.visual.preprocess_cfg["std"]) == ("squash", (0.5,) * 3)
+    ref_pre = open_clip.create_model_and_transforms(f"hf-hub:{SQUASH_REPO}")[2]
+    assert torch.equal(pre(_photo()), ref_pre(_photo()))
+
+
+def test_exports_carry_the_weights_preprocessing(offline, tmp_path):
+    """`vlp export --pretrained hf-hub:...`: open_clip loads the folder with the repo's preprocessing,
+    and vlp reads the folder back (an open_clip folder is a pretrained source too)."""
+    from tests.conftest import run_main
+
+    out = tmp_path / "oc"
+    run_main("export", "--pretrained", f"hf-hub:{SQUASH_REPO}", "--format", "open_clip", "--out", str(out), "--check")
+    ref, _, ref_pre = open_clip.create_model_and_transforms(f"hf-hub:{SQUASH_REPO}")
+    exported, _, exp_pre = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    assert torch.equal(exp_pre(_photo()), ref_pre(_photo()))
+    model, pre, _ = vlp.load_model(str(out))
+    assert torch.equal(pre(_photo()), ref_pre(_photo()))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.encode_image(pre(_photo())[None]), ref.encode_image(ref_pre(_photo())[None], normalize=True)
+        )
