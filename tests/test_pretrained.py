@@ -316,3 +316,33 @@ def test_exports_carry_the_weights_preprocessing(offline, tmp_path):
         torch.testing.assert_close(
             model.encode_image(pre(_photo())[None]), ref.encode_image(ref_pre(_photo())[None], normalize=True)
         )
+
+
+def test_hf_export_of_squash_weights_keeps_their_preprocessing(offline, tmp_path):
+    """The HF image processor written for SigLIP-like weights squashes with their filter, mean and std."""
+    from transformers import CLIPImageProcessor
+
+    from tests.conftest import run_main
+
+    out = tmp_path / "hf"
+    run_main("export", "--pretrained", f"hf-hub:{SQUASH_REPO}", "--format", "hf", "--out", str(out))
+    proc = CLIPImageProcessor.from_pretrained(str(out))
+    assert (proc.size, proc.do_center_crop, proc.resample) == ({"height": 64, "width": 64}, False, 2)
+    assert list(proc.image_mean) == [0.5] * 3 and list(proc.image_std) == [0.5] * 3
+
+
+@pytest.mark.parametrize("name", ["negclip_vit_b32", "countclip_vit_b32", "lit_vit_b32_openai"])
+def test_finetuning_recipes_load_and_name_published_weights(name):
+    """Each recipe is a valid config whose weights are an open_clip tag of its architecture, with
+    the preprocessing and QuickGELU setting the tag prescribes (no weight is read)."""
+    from pathlib import Path
+
+    from vlp.config import load_config
+    from vlp.models.pretrained import with_pretrained
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "finetune" / f"{name}.yaml"
+    text = path.read_text()
+    assert text.startswith("# ") and "vlp train --config configs/finetune/" in text and "Aims at:" in text
+    cfg = load_config(str(path), [])
+    mcfg, src = with_pretrained(cfg.model)
+    assert src.kind == "open_clip tag" and mcfg.preprocess.mean and mcfg.preprocess.resize_mode == "shortest"

@@ -18,6 +18,7 @@ from vlp.export.errors import ExportError
 
 WEIGHTS_FILE = "model.safetensors"
 BICUBIC = 3  # PIL's code, what CLIPImageProcessor stores as `resample`
+BILINEAR = 2
 
 
 def _clip_config(source):
@@ -36,6 +37,8 @@ def validate(source) -> None:
     from vlp.export.open_clip_dir import open_clip_config
 
     reasons = hf_mapping.unsupported(source.model, open_clip_config(source)["model_cfg"], source.name)
+    if (getattr(source.model.visual, "preprocess_cfg", None) or {}).get("resize_mode") == "longest":
+        reasons.append("resize_mode 'longest' preprocessing (CLIPImageProcessor resizes the shortest side or squashes)")
     if reasons:
         raise ExportError(
             f"'{source.name}' cannot be exported as a Hugging Face CLIPModel: it has " + "; ".join(reasons) + ". "
@@ -70,11 +73,13 @@ def write(source, out: Path) -> list[str]:
     _clip_config(source).save_pretrained(str(out))
     save_file(plain_tensors(hf_mapping.hf_state_dict(source.model)), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     size = image_size(source.model)
+    pp = getattr(source.model.visual, "preprocess_cfg", None) or {}
+    squash = pp.get("resize_mode", "shortest") == "squash"  # to size x size, no crop
     CLIPImageProcessor(
         do_resize=True,
-        size={"shortest_edge": size},
-        resample=BICUBIC,
-        do_center_crop=True,
+        size={"height": size, "width": size} if squash else {"shortest_edge": size},
+        resample=BILINEAR if pp.get("interpolation") == "bilinear" else BICUBIC,
+        do_center_crop=not squash,
         crop_size={"height": size, "width": size},
         do_normalize=True,
         image_mean=list(source.mean),
