@@ -56,8 +56,8 @@ def _attention():
             return out.to(query.dtype), (attn.to(query.dtype) if attn is not None else None)
 
         def _restore_weights(self):
-            # peft re-registers the weights its merge displaced (on every state_dict/named_modules call,
-            # as new Parameter objects); here they are displaced only inside merge_lora's own merge
+            # peft re-registers (as new Parameter objects, on every state_dict / named_modules call) the
+            # weights its own merge() displaced; this forward never displaces them
             base = self.get_base_layer()
             if "in_proj_weight" in base._parameters and "weight" in base.out_proj.get_base_layer()._parameters:
                 return
@@ -117,8 +117,8 @@ def apply_lora(model: nn.Module, lcfg, where: str = "the model") -> nn.Module:
     """Put rank-``lcfg.rank`` adapters on the layers ``lcfg.targets`` name (in place) and freeze
     every other weight but the logit scale / bias (if ``lcfg.train_logit_scale``). Returns ``model``.
 
-    The adapters start as peft initialises them: A random (Kaiming), B zero, so the adapted model
-    computes exactly what the base model does until the first step.
+    The adapters start as peft initialises them: A random (Kaiming), B zero, so until the first step
+    the adapted model computes what the base model does (to float rounding).
     """
     import peft
 

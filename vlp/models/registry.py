@@ -155,10 +155,22 @@ def _load_pretrained(model: torch.nn.Module, source, mcfg):
         load_source(model, source, mcfg.name)
         return mcfg
     found = resolve(source.spec, mcfg.name)
-    load_state_dict_checked(model, fit_state_dict(model, found.state_dict), found.path, mcfg.name)
+    sd = found.state_dict
+    if found.checkpoint is not None and _saved_lora(found):  # a LoRA run's checkpoint: start from it merged
+        from vlp.checkpoint.kinds import architecture_of
+        from vlp.models.lora import merge_lora
+
+        adapted, _ = build(architecture_of(found.checkpoint, found.path))
+        load_state_dict_checked(adapted, sd, found.path, mcfg.name)
+        sd = merge_lora(adapted).state_dict()
+    load_state_dict_checked(model, fit_state_dict(model, sd), found.path, mcfg.name)
     saved = found.preprocess or {}
     fields = {k: v for k, v in saved.items() if not getattr(mcfg.preprocess, k)}
     return dataclasses.replace(mcfg, preprocess=dataclasses.replace(mcfg.preprocess, **fields)) if fields else mcfg
+
+
+def _saved_lora(found) -> bool:
+    return bool(((found.checkpoint.get("config") or {}).get("model") or {}).get("lora", {}).get("rank", 0))
 
 
 def _settle_preprocess(model: torch.nn.Module, mcfg):
