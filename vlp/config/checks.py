@@ -42,8 +42,11 @@ def check_values(self: Config) -> Config:
         ),
         ("model.vision.mean", len(m.vision.mean) in (0, 3), "must be empty or 3 numbers"),
         ("model.preprocess.mean", len(m.preprocess.mean) in (0, 3), "must be empty or 3 numbers"),
-        ("model.preprocess.std", len(m.preprocess.std) in (0, 3) and all(x > 0 for x in m.preprocess.std),
-         "must be empty or 3 positive numbers"),
+        (
+            "model.preprocess.std",
+            len(m.preprocess.std) in (0, 3) and all(x > 0 for x in m.preprocess.std),
+            "must be empty or 3 positive numbers",
+        ),
         ("model.vision.std", len(m.vision.std) in (0, 3), "must be empty or 3 numbers"),
         ("model.vision.unlocked_groups", m.vision.unlocked_groups >= 0, "must be >= 0"),
         ("model.text.unlocked_layers", m.text.unlocked_layers >= 0, "must be >= 0"),
