@@ -56,7 +56,7 @@ def run_caption_command(args) -> int:
     import vlp
     from vlp.distributed import DistEnv, resolve_device
     from vlp.eval.captioning import caption_image_list
-    from vlp.eval.cli import check_sources, image_policy_of
+    from vlp.eval.cli import check_sources, describe_loaded, image_policy_of
     from vlp.models.generate import check_captioner
 
     check_sources(args)
@@ -66,6 +66,7 @@ def run_caption_command(args) -> int:
         pretrained=None if args.checkpoint else args.pretrained or None,
     )  # fmt: skip
     check_captioner(model)
+    print(f"vlp caption: {describe_loaded(model, args)}", file=sys.stderr, flush=True)
     paths = find_images(args.images)
     captions, failed = caption_image_list(
         model,

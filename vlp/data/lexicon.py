@@ -18,7 +18,8 @@ NOUNS: dict[str, tuple[str, ...]] = {
     "role": (
         "skier", "surfer", "skateboarder", "snowboarder", "chef", "doctor", "nurse", "farmer", "soldier",
         "police officer", "cyclist", "runner", "dancer", "musician", "tourist", "fisherman", "pilot",
-        "waiter", "clown", "cowboy", "baseball player", "tennis player", "soccer player",
+        "waiter", "clown", "cowboy", "baseball player", "tennis player", "soccer player", "umpire", "batter",
+        "catcher", "pitcher",
     ),
     # generic: never replaced and never a replacement (a person *is* a man or a woman)
     "generic": ("person", "child", "kid", "adult", "teenager", "crowd", "family", "couple", "player", "rider"),
@@ -27,16 +28,18 @@ NOUNS: dict[str, tuple[str, ...]] = {
         "tiger", "monkey", "duck", "fish", "mouse", "rabbit", "deer", "goat", "pig", "chicken", "owl",
         "squirrel", "fox", "wolf", "snake", "frog", "turtle", "butterfly", "bee", "puppy", "kitten",
         "pony", "camel", "penguin", "dolphin", "whale", "shark", "seagull", "pigeon", "parrot",
-        "donkey", "goose", "swan", "lamb", "calf", "spider", "crab",
+        "donkey", "goose", "swan", "lamb", "calf", "spider", "crab", "polar bear",
     ),
     "vehicle": (
         "car", "truck", "bus", "train", "bicycle", "bike", "motorcycle", "boat", "airplane", "plane",
         "helicopter", "van", "taxi", "tractor", "scooter", "ship", "canoe", "kayak", "jeep", "tram",
-        "trailer", "wagon", "cart", "ambulance", "fire truck", "sailboat", "yacht", "jet",
+        "trailer", "wagon", "cart", "ambulance", "fire truck", "sailboat", "yacht", "jet", "jetliner", "airliner",
+        "double decker bus", "school bus",
     ),
     "furniture": (
         "table", "chair", "couch", "sofa", "bed", "lamp", "desk", "shelf", "cabinet", "door", "window",
         "mirror", "clock", "bench", "stool", "dresser", "bookcase", "armchair", "drawer", "counter",
+        "coffee table", "dining table", "high chair", "fireplace", "window sill",
     ),
     "household": (
         "vase", "cup", "mug", "plate", "bowl", "bottle", "glass", "fork", "knife", "spoon", "pot", "pan",
@@ -45,27 +48,32 @@ NOUNS: dict[str, tuple[str, ...]] = {
         "cell phone", "remote", "book", "box", "bag", "basket", "suitcase", "backpack", "umbrella",
         "candle", "picture", "painting", "toy", "teddy bear", "doll", "toothbrush", "bucket", "broom",
         "camera", "guitar", "piano", "teapot", "jar", "tray", "key", "balloon", "newspaper", "wheel",
+        "flat screen tv", "flat screen television", "remote control", "computer monitor", "monitor", "wine glass",
+        "hair dryer", "cutting board", "stuffed animal", "stove",
     ),
     "sports": (
         "kite", "frisbee", "skateboard", "surfboard", "snowboard", "racket", "bat", "net",
-        "goal", "ski pole", "glove",
+        "goal", "ski pole", "glove", "tennis racket", "baseball bat", "baseball glove", "soccer ball", "tennis ball",
     ),
     "clothing": (
         "hat", "shirt", "jacket", "dress", "coat", "shoe", "boot", "helmet", "scarf", "tie", "sweater",
-        "skirt", "cap", "sock", "belt", "uniform", "suit", "vest", "hoodie", "necklace",
+        "skirt", "cap", "sock", "belt", "uniform", "suit", "vest", "hoodie", "necklace", "baseball cap",
     ),
     "food": (
         "apple", "banana", "orange", "pizza", "sandwich", "cake", "donut", "carrot", "hot dog", "egg",
         "tomato", "potato", "lemon", "strawberry", "cookie", "burger", "pie", "pear", "peach", "cherry",
         "onion", "pepper", "cucumber", "muffin", "cupcake", "pineapple", "watermelon", "mango",
-        "sausage", "pancake",
+        "sausage", "pancake", "ice cream", "ice cream cone", "french fry",
     ),
     "place": (
         "tree", "flower", "plant", "bush", "rock", "stone", "mountain", "hill", "river", "lake", "beach",
         "cloud", "field", "forest", "road", "street", "path", "sidewalk", "bridge", "building", "house",
         "tower", "fence", "wall", "sign", "stop sign", "pole", "park", "garden", "kitchen", "bathroom",
         "bedroom", "room", "shop", "church", "castle", "barn", "tent", "pond", "island", "fire hydrant",
-        "traffic light", "street light", "parking meter",
+        "traffic light", "street light", "parking meter", "christmas tree", "living room", "dining room",
+        "street sign", "bus stop", "train station", "parking lot", "tennis court", "baseball field", "soccer field",
+        "ski slope", "clock tower", "slope", "hillside", "ocean", "sea", "desert", "pasture", "yard", "city",
+        "harbor", "airport", "runway", "station", "market", "restaurant", "fountain",
     ),
     # the synthetic shapes vocabulary (vlp.data.synthetic): only exchanged with one another
     "shape": ("circle", "square", "triangle", "star", "cross", "diamond"),
@@ -86,17 +94,24 @@ CLOSED_NOUN_CATEGORIES = ("person", "role", "shape", "mass")
 # Each group: words that mean the same thing here, or one word and its kinds (its hyponyms).
 # No two words of a group replace each other.
 NOUN_GROUPS = (
-    "man|guy|gentleman", "woman|lady", "bike|bicycle|motorcycle", "plane|airplane|jet", "couch|sofa",
-    "fridge|refrigerator", "tv|television", "cup|mug|glass", "hat|cap", "dog|puppy", "cat|kitten",
+    "man|guy|gentleman", "woman|lady", "bike|bicycle|motorcycle", "plane|airplane|jet|jetliner|airliner", "couch|sofa",
+    "fridge|refrigerator", "tv|television|flat screen tv|flat screen television", "cup|mug|glass|wine glass",
+    "hat|cap|baseball cap", "dog|puppy", "cat|kitten",
     "horse|pony", "cow|calf", "sheep|lamb", "car|taxi|jeep", "truck|fire truck", "train|tram",
     "phone|cell phone", "computer|laptop", "cake|cupcake", "rock|stone", "road|street|path",
-    "room|kitchen|bathroom|bedroom", "shoe|boot", "fish|shark", "jacket|coat", "burger|sandwich",
-    "hill|mountain", "lake|pond", "picture|painting", "toy|doll|teddy bear|balloon",
-    "sign|stop sign", "circle|oval", "square|rectangle", "pole|ski pole", "bowl|pot",
+    "room|kitchen|bathroom|bedroom|living room|dining room", "shoe|boot", "fish|shark", "jacket|coat",
+    "burger|sandwich", "hill|mountain|slope|ski slope|hillside", "ocean|sea", "airport|runway", "garden|yard",
+    "station|train station", "shop|market", "lake|pond", "picture|painting",
+    "toy|doll|teddy bear|balloon|stuffed animal",
+    "sign|stop sign|street sign", "circle|oval", "square|rectangle", "pole|ski pole", "bowl|pot",
+    "bus|double decker bus|school bus", "bear|polar bear", "table|coffee table|dining table", "chair|high chair",
+    "remote|remote control", "computer|computer monitor|monitor", "ball|soccer ball|tennis ball",
+    "racket|tennis racket", "bat|baseball bat", "glove|baseball glove", "ice cream|ice cream cone",
+    "field|baseball field|soccer field|pasture", "baseball player|batter|catcher|pitcher", "oven|stove",
     "boat|ship|sailboat|yacht|canoe|kayak",
     "bird|seagull|pigeon|parrot|owl|duck|goose|swan|penguin|chicken",
-    "building|house|barn|church|castle|tower|shop",
-    "plant|flower|bush|tree",
+    "building|house|barn|church|castle|tower|shop|clock tower|restaurant", "window|window sill",
+    "plant|flower|bush|tree|christmas tree",
 )  # fmt: skip
 
 IRREGULAR_PLURALS = {
@@ -114,11 +129,14 @@ EXCLUSIVE_ADJECTIVES: dict[str, tuple[str, ...]] = {
         "red maroon", "green", "blue navy", "yellow golden", "purple violet", "orange", "black",
         "white", "brown", "pink", "gray grey silver", "beige", "turquoise teal",
     ),
-    "size": ("small little tiny", "large big huge giant enormous"),
+    "size": ("small little tiny mini miniature", "large big huge giant enormous massive gigantic"),
     "material": (
-        "wooden", "metal metallic steel", "plastic", "glass", "leather", "stone", "brick", "concrete",
-        "paper cardboard", "cotton woolen", "ceramic", "rubber", "marble", "wicker",
+        "wooden wood", "metal metallic steel iron aluminum", "plastic", "glass", "leather", "stone", "brick",
+        "concrete", "paper cardboard", "cotton woolen wool", "ceramic porcelain", "rubber", "marble granite",
+        "wicker straw", "denim", "silk", "bamboo",
     ),
+    # the ground or surface a scene shows most of
+    "terrain": ("grassy", "snowy snow-covered", "sandy", "rocky", "muddy"),
     "pattern": ("striped", "spotted dotted", "checkered plaid", "floral", "plain"),
     "shape": ("round circular oval", "square rectangular", "triangular"),
 }  # fmt: skip
@@ -127,10 +145,13 @@ EXCLUSIVE_ADJECTIVES: dict[str, tuple[str, ...]] = {
 OPPOSITE_ADJECTIVES: dict[str, tuple[tuple[str, str], ...]] = {
     "state": (
         ("open", "closed"), ("empty", "full"), ("wet", "dry"), ("clean", "dirty"), ("sliced", "whole"),
-        ("cooked", "raw"), ("broken", "intact"), ("awake", "asleep sleeping"),
+        ("cooked", "raw"), ("broken", "intact"), ("awake", "asleep sleeping"), ("fresh", "rotten"),
+        ("busy crowded", "quiet deserted"),
     ),
-    "age": (("young", "old elderly"),),
-    "height": (("tall high", "short low"),),
+    # the first pair that holds a word is its opposite for people and animals, the last for things
+    "age": (("young", "old elderly"), ("new", "old")),
+    "height": (("tall high long", "short low"),),
+    "weather": (("sunny", "cloudy overcast"), ("calm", "choppy stormy")),
     "temperature": (("hot warm", "cold frozen"),),
     "mood": (("happy smiling", "sad crying"),),
     "brightness": (("bright", "dark dim"),),
@@ -213,6 +234,13 @@ FUNCTION_WORDS = DETERMINERS | frozenset((
     "from", "as", "by", "up", "down", "along", "across", "through", "past", "off", "onto", "upon",
     "during", "very", "really", "quite", "not",
 ))  # fmt: skip
+# Phrases whose words are never changed: names written in lower case, idioms ("little league").
+_FIXED = "little league|high school|fast food|big ben|red sox|golden gate|new york|new zealand"
+FIXED_PHRASES = frozenset(tuple(p.split()) for p in _FIXED.split("|"))
+# Before a colour adjective they qualify it ("light blue"): neither replaced nor an adjective of their own.
+COLOR_SHADES = frozenset(("light", "dark", "bright", "pale", "deep", "pastel"))
+# Nouns of these categories are alive: "old" is their opposite of "young" (of "new" for things).
+ANIMATE_CATEGORIES = ("person", "role", "generic", "animal")
 # Before a predicative adjective ("the car is red").
 COPULAS = frozenset(("is", "are", "was", "were", "be", "been", "being", "looks", "look", "appears", "seems"))
 # Words starting with a vowel letter but a consonant sound, and the reverse.
@@ -286,18 +314,18 @@ def noun_forms() -> dict[tuple[str, ...], tuple[str, str]]:
 
 
 @cache
-def adjective_alternatives(adj: str) -> tuple[str, ...]:
+def adjective_alternatives(adj: str, animate: bool = True) -> tuple[str, ...]:
     """Adjectives that contradict ``adj``: the first word of every other group of its category
-    (exclusive categories) or of the other group of its pair (opposite categories)."""
+    (exclusive categories) or of the other group of its pair (opposite categories). A word in two
+    pairs ("old": young/old, new/old) takes the first pair for a living thing (``animate``), the
+    last for a thing."""
     cat = ADJECTIVE_CATEGORY[adj]
     if cat in EXCLUSIVE_ADJECTIVES:
         return tuple(g.split()[0] for g in EXCLUSIVE_ADJECTIVES[cat] if adj not in g.split())
-    for a, b in OPPOSITE_ADJECTIVES[cat]:
-        if adj in a.split():
-            return (b.split()[0],)
-        if adj in b.split():
-            return (a.split()[0],)
-    return ()
+    pairs = [(a, b) if adj in a.split() else (b, a) for a, b in OPPOSITE_ADJECTIVES[cat] if adj in f"{a} {b}".split()]
+    if not pairs:
+        return ()
+    return (pairs[0 if animate else -1][1].split()[0],)
 
 
 @cache

@@ -10,6 +10,12 @@ Words are recognised from the lexicon (:mod:`vlp.data.lexicon`), on lower-cased 
                "is"/"are"...; "orange", "square", "glass" are adjectives only before a noun
     relation   a spatial phrase ("on", "in front of"), or a verb taking an object ("holding a")
 
+A multi-word lexicon noun ("fire hydrant", "tennis racket") is one noun, replaced and moved whole.
+Names are left alone: in a caption that is not title-cased, a capitalised word inside a sentence
+("Big Ben", "the Eiffel Tower", "an Apple laptop") is no slot, unless it opens a lexicon phrase
+("Christmas tree"); so are the lexicon's fixed phrases ("little league") and a shade before a
+colour ("light" in "light blue").
+
 Replacements keep the number of the slot (a plural noun is replaced by a plural) and fix
 "a"/"an" before a changed word. Every negative passes :func:`validate_negatives`.
 """
@@ -38,6 +44,7 @@ OPPOSITE_RELATION_P = 0.7
 _TOKEN = re.compile(r"(\s*)(\w+(?:['’-]\w+)*|[^\w\s])")
 _MAX_PHRASE = 4  # longest lexicon entry, in tokens
 _RELATIONS = {tuple(rel.split()): rel for rel in lx.RELATION_KIND}
+_FIXED = dict.fromkeys(lx.FIXED_PHRASES, True)
 
 
 def normalize(text: str) -> str:
@@ -84,6 +91,7 @@ class Caption:
     tail: str  # whitespace after the last token
     low: list[str]
     slots: list[Slot]
+    names: frozenset[int] = frozenset()  # tokens that are (part of) a name: their case is not copied
 
     def of(self, kind: str) -> list[Slot]:
         return [s for s in self.slots if s.kind == kind]
@@ -153,6 +161,22 @@ def _noun_number(low: list[str], i: int, number: str) -> str:
     return "pl" if j >= 0 and low[j] in lx.PLURAL_DETERMINERS else "sg"
 
 
+_SENTENCE_OPENERS = frozenset('.!?:;"“(')
+
+
+def _names(texts: list[str], low: list[str]) -> frozenset[int]:
+    """Tokens written as names: capitalised ("Ben", not "TV" or "A") and not opening a sentence,
+    in a caption whose other content words are not all capitalised (title case says nothing)."""
+    inner = [
+        i
+        for i, t in enumerate(texts)
+        if t[:1].isalpha() and i > 0 and low[i - 1] not in _SENTENCE_OPENERS and low[i] not in lx.FUNCTION_WORDS
+    ]
+    if not any(texts[i][:1].islower() for i in inner):
+        return frozenset()
+    return frozenset(i for i in inner if texts[i][:1].isupper() and any(c.islower() for c in texts[i][1:]))
+
+
 def parse(caption: str) -> Caption:
     """Tokenize ``caption`` and find its nouns, adjectives and relations."""
     tokens, end = [], 0
@@ -160,11 +184,22 @@ def parse(caption: str) -> Caption:
         tokens.append((m.group(1), m.group(2)))
         end = m.end()
     low = [text.lower() for _, text in tokens]
+    names = _names([text for _, text in tokens], low)
     slots: list[Slot] = []
     i = 0
     while i < len(low):
+        skip = _longest(low, i, _FIXED)[0]  # a fixed phrase
+        shade = (
+            low[i] in lx.COLOR_SHADES and lx.ADJECTIVE_CATEGORY.get(low[i + 1] if i + 1 < len(low) else "") == "color"
+        )
+        if not skip and (shade or (i in names and _longest(low, i, lx.noun_forms())[0] < 2)):
+            skip = 1  # a shade before a colour, or a name that does not open a lexicon phrase
+        if skip:
+            i += skip
+            continue
         n, rel = _longest(low, i, _RELATIONS)
-        if rel is not None and _relation_applies(low, i + n, rel):
+        # a longer lexicon noun wins: "cutting board" is no verb "cutting"
+        if rel is not None and _relation_applies(low, i + n, rel) and _longest(low, i, lx.noun_forms())[0] <= n:
             slots.append(Slot("rel", i, i + n, rel))
             i += n
             continue
@@ -178,7 +213,7 @@ def parse(caption: str) -> Caption:
         if low[i] in lx.ADJECTIVE_CATEGORY and (head := _adjective_head(low, i)) is not None:
             slots.append(Slot("adj", i, i + 1, low[i], head=head))
         i += 1
-    return Caption(tokens, caption[end:], low, slots)
+    return Caption(tokens, caption[end:], low, slots, names)
 
 
 def _case_like(original: str, new: str) -> str:
@@ -200,7 +235,7 @@ def _render(cap: Caption, changes: dict[int, tuple[int, str]]) -> str:
             continue
         end, phrase = changes[i]
         changed.append(len(out))
-        phrase = _case_like(cap.tokens[i][1], phrase)
+        phrase = phrase if i in cap.names else _case_like(cap.tokens[i][1], phrase)
         out.extend([cap.tokens[i][0] if w == 0 else " ", word] for w, word in enumerate(phrase.split()))
         i = end
     for c in changed:
@@ -261,12 +296,27 @@ def _replace_object(cap: Caption, rng: random.Random, budget: int) -> Iterator[s
             yield _render(cap, {slot.start: (slot.end, _inflect(new, slot.number))})
 
 
+def _described(cap: Caption, adj: Slot) -> str | None:
+    """Lemma of the lexicon noun an adjective describes: the noun at its head, or for a predicative
+    adjective the last noun before it; None for a noun the lexicon lacks."""
+    nouns = cap.of("noun")
+    if adj.head >= 0:
+        return next((s.lemma for s in nouns if s.start == adj.head), None)
+    return next((s.lemma for s in reversed(nouns) if s.end <= adj.start), None)
+
+
+def _animate(cap: Caption, adj: Slot) -> bool:
+    return lx.NOUN_CATEGORY.get(_described(cap, adj) or "") in lx.ANIMATE_CATEGORIES
+
+
 def _replace_attribute(cap: Caption, rng: random.Random, budget: int) -> Iterator[str]:
     slots = cap.of("adj")
     present = {s.lemma for s in slots}
     for _ in range(budget if slots else 0):
         slot = rng.choice(slots)
-        new = _choose(rng, lx.adjective_alternatives(slot.lemma), present)
+        pool = lx.adjective_alternatives(slot.lemma, _animate(cap, slot))
+        # a word the caption already has only when nothing else contradicts ("a tall man and a short ...")
+        new = _choose(rng, pool, present if set(pool) - present else {slot.lemma})
         if new is not None:
             yield _render(cap, {slot.start: (slot.end, new)})
 
@@ -293,8 +343,19 @@ def _swap_objects(cap: Caption, rng: random.Random, budget: int) -> Iterator[str
         yield _render(cap, changes)
 
 
+def _phrase_after_swap(cap: Caption, adj: Slot, new: str) -> list[str]:
+    """The words of the noun phrase of an attributive adjective (determiners and adjectives before
+    it, up to its noun) with the adjective replaced by ``new``."""
+    start = adj.start
+    while start > 0 and (cap.low[start - 1] in lx.DETERMINERS or cap.low[start - 1] in lx.ADJECTIVE_CATEGORY):
+        start -= 1
+    end = next((s.end for s in cap.of("noun") if s.start == adj.head), adj.head + 1)
+    return [new if j == adj.start else cap.low[j] for j in range(start, end)]
+
+
 def _swap_attributes(cap: Caption, rng: random.Random, budget: int) -> Iterator[str]:
-    """Two adjectives of one category describing different nouns change places."""
+    """Two adjectives of one category describing different nouns change places; not when that only
+    exchanges two noun phrases ("a big dog and a small dog" -> "a small dog and a big dog")."""
     adjs = cap.of("adj")
     pairs = [
         {a.start: (a.end, b.lemma), b.start: (b.end, a.lemma)}
@@ -302,6 +363,7 @@ def _swap_attributes(cap: Caption, rng: random.Random, budget: int) -> Iterator[
         if lx.ADJECTIVE_CATEGORY[a.lemma] == lx.ADJECTIVE_CATEGORY[b.lemma]
         and a.lemma != b.lemma
         and (a.head != b.head or a.head == -1)
+        and (a.head == -1 or b.head == -1 or _phrase_after_swap(cap, a, b.lemma) != _phrase_after_swap(cap, b, b.lemma))
     ]
     rng.shuffle(pairs)
     for changes in pairs[:budget]:
