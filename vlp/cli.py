@@ -103,10 +103,24 @@ def _add_eval(sub) -> None:
         help="evaluate a checkpoint (torchrun: python -m vlp.eval shards the data)",
         formatter_class=_EvalHelpFormatter,
     )
-    p.add_argument("--task", action="append", required=True, help="a registered eval task (repeatable)")
+    p.add_argument("--task", action="append", default=[], help="a registered eval task (repeatable)")
     p.add_argument(
-        "--data", action="append", required=True, help="data of each --task, in order (one --data serves every task)"
+        "--data", action="append", default=[], help="data of each --task, in order (one --data serves every task)"
     )
+    p.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        help="a CLIP_benchmark WebDataset by name, wds/NAME (repeatable), read from --dataset_root; the task "
+        "follows from its dataset_type.txt unless --task names one (one for all, or one per --dataset)",
+    )
+    p.add_argument(
+        "--dataset_root",
+        "--dataset-root",
+        help="folder or URL of the --dataset, a template with CLIP_benchmark's keys: data/wds_{dataset_cleaned}",
+    )
+    p.add_argument("--split", default="test", help="split of the --dataset (its {split}/nshards.txt)")
+    p.add_argument("--language", default="en", help="recorded in the results, as CLIP_benchmark records it")
     p.add_argument("--checkpoint", default="", help="vlp checkpoint, or open_clip file / safetensors with --model")
     p.add_argument("--model", help="architecture (needed for open_clip files and tags; alone: random init)")
     p.add_argument(
@@ -120,7 +134,13 @@ def _add_eval(sub) -> None:
     p.add_argument("--classnames", help="file (one per line) or 'imagenet' (default: folder names / _info.json)")
     p.add_argument("--templates", help="file with {c}, 'imagenet' (80) or 'imagenet-simple' (7)")
     p.add_argument("--images-root", help="folder of SugarCrepe-style image file names")
-    p.add_argument("--output", default="results.json", help="JSON results (CLIP_benchmark's shape)")
+    p.add_argument(
+        "--output",
+        default="results.json",
+        help="a .json file (one result: CLIP_benchmark's dict; several: a list), a folder (one CLIP_benchmark "
+        "file per dataset and task, named as it names them) or CLIP_benchmark's filename template "
+        "({dataset}_{pretrained}_{model}_{language}_{task}.json); a results.csv table goes beside",
+    )
     p.add_argument("--plots", action="store_true", help="also write PNG plots (counting confusion) beside --output")
     _add_image_options(p)
     p.add_argument("--device", default="auto")

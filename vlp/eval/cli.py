@@ -13,12 +13,37 @@ from vlp.eval.run import build_specs, evaluate_tasks, format_table, write_result
 
 
 def _specs(args) -> list:
+    if args.dataset:
+        return _dataset_specs(args)
+    if not args.task or not args.data:
+        raise ConfigError("give --task TASK --data PATH (repeatable), or --dataset wds/NAME --dataset_root ROOT")
     if len(args.data) not in (1, len(args.task)):
         raise ValueError(f"give one --data, or one per --task ({len(args.task)}); got {len(args.data)}")
     paths = args.data if len(args.data) > 1 else args.data * len(args.task)
     return build_specs(
         args.task, paths, classnames=args.classnames, templates=args.templates, images_root=args.images_root
     )
+
+
+def _dataset_specs(args) -> list:
+    """``(task, EvalData)`` per ``--dataset`` (CLIP_benchmark's layout, :mod:`vlp.eval.benchmark_wds`)."""
+    from vlp.eval import benchmark_wds
+    from vlp.eval.registry import get_task
+
+    if args.data:
+        raise ConfigError("--data goes with --task; a --dataset is found under --dataset_root")
+    if not args.dataset_root:
+        raise ConfigError("--dataset needs --dataset_root (a folder or URL; {dataset} is replaced by the name)")
+    if len(args.task) not in (0, 1, len(args.dataset)):
+        raise ConfigError(f"give no --task, one, or one per --dataset ({len(args.dataset)}); got {len(args.task)}")
+    specs = []
+    for i, name in enumerate(args.dataset):
+        ds = benchmark_wds.locate(name, args.dataset_root)
+        wanted = args.task[i] if len(args.task) > 1 else args.task[0] if args.task else None
+        task = get_task(wanted) if wanted else get_task(benchmark_wds.default_task(ds))
+        data = benchmark_wds.load(ds, task.name, args.split, classnames=args.classnames, templates=args.templates)
+        specs.append((task, data))
+    return specs
 
 
 def image_policy_of(args) -> ImagePolicy:
@@ -65,21 +90,25 @@ def run_eval_command(args) -> int:
         )  # fmt: skip
         if env.is_main:
             print(f"vlp eval: {describe_loaded(model, args)}", flush=True)
-        out = Path(args.output)
+        # where plots go: a results folder itself, else the folder of the file or template
+        out = Path(args.output).parent if "{" in args.output or Path(args.output).suffix else Path(args.output)
         ctx = EvalContext(
             env=env,
             preprocess=preprocess,
             batch_size=args.batch_size,
             workers=args.workers,
-            plots_dir=out.parent if args.plots else None,
+            plots_dir=out if args.plots else None,
             image_policy=policy,
         )
         name = args.model or ("vlp checkpoint" if args.checkpoint else "")
         source = args.checkpoint or args.pretrained
         results = evaluate_tasks(model, tokenizer, specs, ctx, model_name=name, pretrained=source)
+        for r in results:
+            r["language"] = args.language
         if env.is_main:
             print(format_table(results))
-            print(f"vlp eval: results in {write_results(results, out)}")
+            written = write_results(results, args.output)
+            print(f"vlp eval: results in {', '.join(str(p) for p in written)}")
         barrier(env)  # every rank done talking before any closes its connections
     finally:
         shutdown(env)

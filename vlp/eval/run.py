@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from vlp.eval.datasets import EvalData
@@ -68,6 +69,7 @@ def flat_metrics(results: list[dict]) -> dict:
 
 
 def format_table(results: list[dict]) -> str:
+    """The scalar metrics of ``results`` as a markdown table (task, dataset, metric, value)."""
     rows = [("task", "dataset", "metric", "value")]
     for r in results:
         for k, v in r["metrics"].items():
@@ -76,15 +78,70 @@ def format_table(results: list[dict]) -> str:
             elif isinstance(v, int):
                 rows.append((r["task"], r["dataset"], k, str(v)))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")  # a markdown table
     return "\n".join(lines)
 
 
-def write_results(results: list[dict], path: str | Path) -> Path:
-    """One result writes a dict (CLIP_benchmark's file shape), several a list."""
-    path = Path(path)
+def write_results(results: list[dict], output: str | Path) -> list[Path]:
+    """Write ``results`` where ``output`` says, and a ``.csv`` table beside; returns the paths written.
+
+    - a ``.json`` file: one result as a dict (CLIP_benchmark's file), several as a list;
+    - a folder (existing, or given with a trailing ``/``, or without a suffix): one CLIP_benchmark
+      file per result, named as CLIP_benchmark names them (:data:`BENCHMARK_NAME`), and ``results.csv``;
+    - a template with CLIP_benchmark's keys (``{dataset}``, ``{model}``, ``{pretrained}``,
+      ``{pretrained_full_path}``, ``{task}``, ``{language}``): one file per result, the table beside the first.
+
+    The per-result files are what ``clip_benchmark build`` aggregates.
+    """
+    text = str(output)
+    if "{" in text:
+        paths = [_write_json(r, Path(text.format(**benchmark_keys(r)))) for r in results]
+        return [*paths, write_csv(results, paths[0].parent / "results.csv")]
+    path = Path(text)
+    if path.is_dir() or text.endswith(("/", os.sep)) or not path.suffix:
+        paths = [_write_json(r, path / BENCHMARK_NAME.format(**benchmark_keys(r))) for r in results]
+        return [*paths, write_csv(results, path / "results.csv")]
+    json_path = _write_json(results[0] if len(results) == 1 else results, path)
+    return [json_path, write_csv(results, path.with_suffix(".csv"))]
+
+
+BENCHMARK_NAME = "{dataset}_{pretrained}_{model}_{language}_{task}.json"  # CLIP_benchmark's default --output
+
+
+def benchmark_keys(result: dict) -> dict:
+    """CLIP_benchmark's filename keys for one result: the dataset without ``wds/`` and with ``/`` ->
+    ``_``, the pretrained file's base name (a tag as it is), the model, task and language."""
+    dataset = str(result["dataset"])
+    dataset = dataset[4:] if dataset.startswith("wds/") else dataset
+    pretrained = str(result.get("pretrained") or "")
+    is_file = os.path.isfile(pretrained)
+    return {
+        "dataset": dataset.replace("/", "_"),
+        "model": result.get("model") or "",
+        "pretrained": os.path.basename(pretrained) if is_file else pretrained,
+        "pretrained_full_path": pretrained.replace("/", "_") if is_file else pretrained,
+        "task": result["task"],
+        "language": result.get("language", "en"),
+    }
+
+
+def _write_json(payload, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = results[0] if len(results) == 1 else results
     path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def write_csv(results: list[dict], path: Path) -> Path:
+    """One row per result and scalar metric: dataset, task, model, pretrained, metric, value."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["dataset", "task", "model", "pretrained", "metric", "value"])
+        for r in results:
+            for k, v in r["metrics"].items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    writer.writerow([r["dataset"], r["task"], r.get("model", ""), r.get("pretrained", ""), k, v])
     return path

@@ -1,0 +1,170 @@
+"""CLIP_benchmark's WebDataset layout by name: shards written by CLIP_benchmark's own converter,
+`vlp eval --dataset wds/NAME --dataset_root ROOT` against `clip_benchmark eval` on the same data and
+checkpoint, and the per-result JSON files that `clip_benchmark build` aggregates."""
+
+from __future__ import annotations
+
+import builtins
+import csv
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import run_main
+
+cb_builder = pytest.importorskip("clip_benchmark.webdataset_builder")
+
+CLASSES = ["red circle", "blue square", "green triangle", "yellow star"]
+TEMPLATES = ["a photo of a {c}.", "a drawing of a {c}."]
+
+
+class _Pairs(torch.utils.data.Dataset):
+    """(PIL image, label or captions) items, as CLIP_benchmark's converter takes them."""
+
+    def __init__(self, items, classes=None, templates=None):
+        self.items, self.classes, self.templates = items, classes, templates
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        image, target = self.items[i]
+        return cb_builder.PIL_to_bytes("webp")(image), target
+
+
+def _image(g):
+    return Image.fromarray(g.integers(0, 256, (48, 80, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def benchmark_root(tmp_path_factory):
+    """`wds_cls` (classification, 12 images in 3 shards) and `wds_ret` (retrieval, 10 images with
+    three captions each, in 2 shards), written by clip_benchmark.webdataset_builder."""
+    root = tmp_path_factory.mktemp("cb")
+    g = np.random.default_rng(0)
+    cls = _Pairs([(_image(g), i % 4) for i in range(12)], CLASSES, TEMPLATES)
+    cb_builder.convert_dataset(cls, "test", str(root / "wds_cls"), max_count=5, verbose=False)
+    words = ["cat", "dog", "car", "tree", "boat", "lamp", "cup", "bird", "shoe", "kite"]
+    ret = _Pairs([(_image(g), [f"a {w}", f"the {w} on a table", f"one {w} outside"]) for w in words])
+    cb_builder.convert_retrieval_dataset(ret, "test", str(root / "wds_ret"), max_count=6, verbose=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    import open_clip
+
+    from vlp.checkpoint import architectures
+
+    architectures.register()  # `debug` for open_clip, hence for CLIP_benchmark's loader too
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "debug.pt"
+    torch.save(open_clip.create_model("debug").state_dict(), path)
+    return path
+
+
+def _clip_benchmark(monkeypatch, argv):
+    from clip_benchmark import cli
+    from clip_benchmark.metrics import zeroshot_classification as zc
+
+    # clip-benchmark 1.6.2 calls float() on a 1-element array, which numpy >= 2.4 rejects
+    monkeypatch.setattr(zc, "float", lambda x: builtins.float(np.asarray(x).item()), raising=False)
+    monkeypatch.setattr(sys, "argv", ["clip_benchmark", *argv])
+    cli.main()
+
+
+def test_vlp_eval_by_dataset_name_equals_clip_benchmark(benchmark_root, checkpoint, tmp_path, monkeypatch):
+    """CLIP_benchmark runs with --no_amp: its default autocasts (bf16 on CPU, fp16 on GPU), which moves
+    near-tied retrieval ranks; vlp evaluates in fp32."""
+    root = str(benchmark_root / "wds_{dataset}")
+    ours = tmp_path / "ours"
+    proc = run_main(
+        "eval", "--dataset", "wds/cls", "--dataset", "wds/ret", "--dataset_root", root,
+        "--model", "debug", "--checkpoint", checkpoint, "--output", f"{ours}/", "--batch-size", "64", "--workers", "0",
+    )  # fmt: skip
+    assert "| zeroshot_classification | wds/cls" in proc.stdout  # the markdown table
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    common = ["--dataset_root", root, "--model", "debug", "--pretrained", str(checkpoint), "--batch_size", "64"]
+    common += [
+        "--no_amp",
+        "--recall_k",
+        "1",
+        "5",
+        "10",
+        "--num_workers",
+        "0",
+        "--output",
+        f"{theirs}/{{dataset}}_{{pretrained}}_{{model}}_{{language}}_{{task}}.json",
+    ]
+    _clip_benchmark(monkeypatch, ["eval", "--dataset", "wds/cls", "--task", "zeroshot_classification", *common])
+    _clip_benchmark(monkeypatch, ["eval", "--dataset", "wds/ret", "--task", "zeroshot_retrieval", *common])
+
+    names = sorted(p.name for p in theirs.glob("*.json"))
+    assert names == sorted(p.name for p in ours.glob("*.json")), "files named as CLIP_benchmark names them"
+    assert names == [
+        "cls_debug.pt_debug_en_zeroshot_classification.json",
+        "ret_debug.pt_debug_en_zeroshot_retrieval.json",
+    ]
+    for name in names:
+        a, b = json.loads((ours / name).read_text()), json.loads((theirs / name).read_text())
+        assert (a["dataset"], a["task"], a["model"], a["language"]) == (
+            b["dataset"],
+            b["task"],
+            b["model"],
+            b["language"],
+        )
+        for key, value in b["metrics"].items():
+            assert a["metrics"][key] == pytest.approx(value, abs=1e-6, nan_ok=True), (name, key)
+
+    # clip_benchmark build aggregates vlp's files with its own
+    _clip_benchmark(monkeypatch, ["build", str(ours), str(theirs), "--output", str(tmp_path / "bench.csv")])
+    rows = list(csv.DictReader((tmp_path / "bench.csv").read_text().splitlines()))
+    assert len(rows) == 4 and {r["dataset"] for r in rows} == {"wds/cls", "wds/ret"}
+    table = list(csv.DictReader((ours / "results.csv").read_text().splitlines()))
+    assert {r["metric"] for r in table} >= {"acc1", "image_retrieval_recall@1"}
+
+
+def test_retrieval_reads_every_line_of_txt_as_a_caption(benchmark_root):
+    from vlp.eval import benchmark_wds
+
+    ds = benchmark_wds.locate("wds/ret", str(benchmark_root / "wds_{dataset}"))
+    assert benchmark_wds.default_task(ds) == "zeroshot_retrieval"
+    data = benchmark_wds.load(ds, "zeroshot_retrieval")
+    assert len(data.images) == 10 and len(data.captions) == 30
+    assert data.captions[:3] == ["a cat", "the cat on a table", "one cat outside"]
+    assert data.text_to_image[:4] == [0, 0, 0, 1]
+
+
+def test_classification_reads_classnames_and_templates_of_the_layout(benchmark_root):
+    from vlp.eval import benchmark_wds
+
+    ds = benchmark_wds.locate("wds/cls", str(benchmark_root / "wds_{dataset}"))
+    data = benchmark_wds.load(ds, benchmark_wds.default_task(ds))
+    assert (data.classnames, data.templates, data.labels) == (CLASSES, TEMPLATES, [i % 4 for i in range(12)])
+
+
+def test_missing_layout_files_are_one_line_naming_the_file(benchmark_root, tmp_path):
+    from vlp.eval.datasets import EvalDataError
+
+    proc = run_main(
+        "eval", "--dataset", "wds/nope", "--dataset_root", str(benchmark_root / "wds_{dataset}"), "--model", "debug",
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "wds_nope/test/nshards.txt: not found" in proc.stderr
+    from vlp.eval import benchmark_wds
+
+    with pytest.raises(EvalDataError, match="unknown key 'name'"):
+        benchmark_wds.locate("wds/cls", str(tmp_path / "{name}"))
+
+
+def test_hub_urls_read_metadata_raw_and_tars_resolved():
+    from vlp.eval import benchmark_wds
+
+    ds = benchmark_wds.locate("wds/vtab/cifar10", "hf://datasets/clip-benchmark/wds_{dataset_cleaned}")
+    assert ds.metadata == "https://huggingface.co/datasets/clip-benchmark/wds_vtab-cifar10/raw/main"
+    assert ds.tars == "https://huggingface.co/datasets/clip-benchmark/wds_vtab-cifar10/resolve/main"

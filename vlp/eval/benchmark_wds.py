@@ -1,0 +1,167 @@
+"""CLIP_benchmark's WebDataset layout, read exactly as CLIP_benchmark reads it: datasets by name.
+
+``vlp eval --dataset wds/NAME --dataset_root ROOT`` finds the dataset in ``ROOT`` (a template with
+CLIP_benchmark's keys: ``{dataset}`` is NAME, ``{dataset_cleaned}`` NAME with ``/`` -> ``-``)::
+
+    ROOT/
+        {split}/nshards.txt            the number n of shards (required)
+        {split}/0.tar ... {n-1}.tar    samples: an image (webp, png, jpg, jpeg) and
+                                       cls (class index) | npy (multilabel) | txt (captions, one a line)
+        dataset_type.txt               classification (default) | retrieval | multilabel
+        classnames.txt                 one class name a line (classification)
+        zeroshot_classification_templates.txt   one template with {c} a line (classification)
+
+That is what ``clip_benchmark.webdataset_builder`` writes and the ``clip-benchmark/wds_*`` datasets
+on the Hugging Face hub hold. A retrieval sample's ``txt`` holds all of its image's captions, one a
+line: each line is a caption (reading it as one caption, as a plain shard's ``txt`` is read, would
+give wrong recalls). The task follows from ``dataset_type.txt`` unless one is named.
+
+Legend: N images.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from dataclasses import dataclass
+
+from vlp.eval.datasets import EvalData, EvalDataError, collect, load_templates
+
+PREFIX = "wds/"
+TASK_OF_TYPE = {"classification": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
+HF_DATASETS = "https://huggingface.co/datasets/"
+
+
+@dataclass(frozen=True)
+class BenchmarkDataset:
+    """Where one CLIP_benchmark dataset lives: ``name`` as given (``wds/imagenet1k``), the folder or
+    URL its metadata is read from and the one its tars are read from (they differ on the hub)."""
+
+    name: str
+    metadata: str
+    tars: str
+
+    @property
+    def short(self) -> str:
+        return self.name[len(PREFIX) :] if self.name.startswith(PREFIX) else self.name
+
+
+def locate(name: str, root: str) -> BenchmarkDataset:
+    """The dataset ``name`` (``wds/NAME``) under ``root`` (CLIP_benchmark's template keys allowed).
+
+    ``hf://datasets/ORG/REPO[/PATH]`` and ``https://huggingface.co/datasets/ORG/REPO/tree/BRANCH``
+    are read as CLIP_benchmark reads the hub: metadata from ``raw/``, tars from ``resolve/``.
+    """
+    if not name.startswith(PREFIX):
+        raise EvalDataError(f"--dataset {name}: vlp reads CLIP_benchmark's WebDataset layout: wds/NAME")
+    short = name[len(PREFIX) :]
+    try:
+        folder = root.format(dataset=short, dataset_cleaned=short.replace("/", "-"))
+    except (KeyError, IndexError) as e:
+        raise EvalDataError(
+            f"--dataset_root {root}: unknown key {e} (keys: {{dataset}}, {{dataset_cleaned}})"
+        ) from None
+    folder = folder.rstrip("/")
+    if folder.startswith("hf://datasets/"):
+        org_repo = "/".join(folder[len("hf://datasets/") :].split("/")[:2])
+        path = "/".join(folder[len("hf://datasets/") :].split("/")[2:])
+        folder = f"{HF_DATASETS}{org_repo}/tree/main" + (f"/{path}" if path else "")
+    if folder.startswith(HF_DATASETS) and "/tree/" in folder:
+        head, _, rest = folder.partition("/tree/")
+        return BenchmarkDataset(name, f"{head}/raw/{rest}", f"{head}/resolve/{rest}")
+    return BenchmarkDataset(name, folder, folder)
+
+
+def _read(location: str, required: bool = True) -> str | None:
+    """A metadata file's text (local or http(s)); None when optional and absent."""
+    try:
+        if "://" in location:
+            with urllib.request.urlopen(location, timeout=60) as response:  # noqa: S310 - the user's own URL
+                return response.read().decode("utf-8")
+        with open(location, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        if required:
+            raise EvalDataError(f"{location}: not found (CLIP_benchmark's layout needs it)") from None
+        return None
+    except OSError as e:
+        if required or getattr(e, "code", None) not in (404, None):
+            raise EvalDataError(f"{location}: cannot read ({e})") from None
+        return None
+    except UnicodeDecodeError as e:
+        raise EvalDataError(f"{location}: not UTF-8 text ({e})") from None
+
+
+def dataset_type(ds: BenchmarkDataset) -> str:
+    text = _read(f"{ds.metadata}/dataset_type.txt", required=False)
+    kind = (text or "classification").strip().lower()
+    if kind not in ("classification", "retrieval", "multilabel"):
+        raise EvalDataError(
+            f"{ds.metadata}/dataset_type.txt: '{kind}' (expected classification, retrieval or multilabel)"
+        )
+    return kind
+
+
+def shard_urls(ds: BenchmarkDataset, split: str) -> list[str]:
+    where = f"{ds.metadata}/{split}/nshards.txt"
+    text = _read(where)
+    try:
+        n = int(text.strip())
+    except ValueError:
+        raise EvalDataError(f"{where}: expected the number of shards, got {text.strip()[:40]!r}") from None
+    if n < 1:
+        raise EvalDataError(f"{where}: {n} shards")
+    return [f"{ds.tars}/{split}/{i}.tar" for i in range(n)]
+
+
+def default_task(ds: BenchmarkDataset) -> str:
+    kind = dataset_type(ds)
+    if kind == "multilabel":
+        raise EvalDataError(
+            f"{ds.name}: a multilabel dataset (its dataset_type.txt); vlp scores single-label classification "
+            "and retrieval so far"
+        )
+    return TASK_OF_TYPE[kind]
+
+
+def load(ds: BenchmarkDataset, task: str, split: str = "test", classnames=None, templates=None) -> EvalData:
+    """The dataset's ``split`` as the EvalData of ``task`` (zeroshot_classification or
+    zeroshot_retrieval); ``classnames`` / ``templates`` override the dataset's files."""
+    from vlp.data.decode import SkipCounter
+    from vlp.eval.datasets import _shard_rows, load_classnames
+
+    urls = shard_urls(ds, split)
+    skips = SkipCounter()
+    if task == "zeroshot_retrieval":
+        return collect(ds.name, ds.name, _shard_rows(urls, skips, _all_captions), skips)
+    if task != "zeroshot_classification":
+        raise EvalDataError(
+            f"{ds.name}: task {task} on a CLIP_benchmark dataset (zeroshot_classification, zeroshot_retrieval)"
+        )
+    names_text = None if classnames else _read(f"{ds.metadata}/classnames.txt")
+    names = load_classnames(classnames) if classnames else [line.strip() for line in names_text.splitlines()]
+    if templates:
+        templates = load_templates(templates)
+    else:
+        text = _read(f"{ds.metadata}/zeroshot_classification_templates.txt")
+        templates = load_templates([line.strip() for line in text.splitlines()])
+
+    def label(raw: dict, meta: dict, where: str) -> dict | str:
+        try:
+            value = int(raw["cls"])
+        except (KeyError, ValueError):
+            return "missing_label"
+        if not 0 <= value < len(names):
+            raise EvalDataError(f"{where}: label {value} outside the {len(names)} class names")
+        return {"labels": value}
+
+    return collect(ds.name, ds.name, _shard_rows(urls, skips, label), skips, classnames=names, templates=templates)
+
+
+def _all_captions(raw: dict, meta: dict, where: str) -> dict | str:
+    """Every line of the sample's ``txt`` is a caption of its image (CLIP_benchmark's ``str.splitlines``)."""
+    from vlp.data.decode import decode_caption
+
+    text, problem = decode_caption(raw.get("txt"))
+    if text is None:
+        return problem
+    return {"captions": text.splitlines()}  # as CLIP_benchmark: a blank line inside is a (blank) caption
