@@ -133,7 +133,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--workers", type=int, default=2, help="image loading workers per rank")
     p.add_argument("--classnames", help="file (one per line) or 'imagenet' (default: folder names / _info.json)")
     p.add_argument("--templates", help="file with {c}, 'imagenet' (80) or 'imagenet-simple' (7)")
-    p.add_argument("--images-root", help="folder of SugarCrepe-style image file names")
+    p.add_argument(
+        "--images-root",
+        help="folder of the images a compositional, SugarCrepe(++) or Winoground file names (default: beside it)",
+    )
     p.add_argument(
         "--output",
         default="results.json",
