@@ -168,3 +168,50 @@ def test_hub_urls_read_metadata_raw_and_tars_resolved():
     ds = benchmark_wds.locate("wds/vtab/cifar10", "hf://datasets/clip-benchmark/wds_{dataset_cleaned}")
     assert ds.metadata == "https://huggingface.co/datasets/clip-benchmark/wds_vtab-cifar10/raw/main"
     assert ds.tars == "https://huggingface.co/datasets/clip-benchmark/wds_vtab-cifar10/resolve/main"
+
+
+def test_suite_skips_what_is_missing_resumes_and_averages(benchmark_root, checkpoint, tmp_path):
+    """A suite (here a YAML file of the shape of vlp/eval/suite_lists/*.yaml): a missing dataset and an
+    unsupported task are named and skipped; a re-run reads the finished datasets' files instead of
+    evaluating them again; the average is over the tasks scored."""
+    suite = tmp_path / "mine.yaml"
+    suite.write_text(
+        "name: mine\naverage: mean of the main metrics\ntasks:\n"
+        "  - {dataset: wds/cls, name: Classes, main_metric: mean_per_class_recall}\n"
+        "  - {dataset: wds/ret, name: Captions, task: zeroshot_retrieval, main_metric: mean_recall@1}\n"
+        "  - {dataset: wds/absent, name: Absent, main_metric: acc1}\n"
+        "  - {dataset: wds/cls, name: Odd, main_metric: acc_wg, unsupported: worst-group metadata}\n"
+    )
+    out = tmp_path / "suite"
+    args = ["eval", "--suite", str(suite), "--dataset_root", str(benchmark_root / "wds_{dataset}"), "--model", "debug",
+            "--checkpoint", checkpoint, "--output", f"{out}/", "--batch-size", "64", "--workers", "0"]  # fmt: skip
+    first = run_main(*args)
+    assert "skipped: Absent (wds/absent) is not there" in first.stdout
+    assert "not scored: Odd (wds/cls): needs worst-group metadata" in first.stdout
+    assert "over 2 of 4 tasks" in first.stdout
+    summary = json.loads((out / "mine_summary.json").read_text())
+    files = {p.name: json.loads(p.read_text()) for p in out.glob("*_en_*.json")}
+    cls = next(v for k, v in files.items() if k.startswith("cls_"))["metrics"]
+    ret = next(v for k, v in files.items() if k.startswith("ret_"))["metrics"]
+    expected = (
+        cls["mean_per_class_recall"] + (ret["image_retrieval_recall@1"] + ret["text_retrieval_recall@1"]) / 2
+    ) / 2
+    assert summary["average"] == pytest.approx(expected) and summary["tasks_scored"] == 2
+
+    # a suite killed after its first dataset: only the second is evaluated again
+    next(out.glob("ret_*.json")).unlink()
+    second = run_main(*args)
+    assert "done before: Classes" in second.stdout and "mine: Captions (wds/ret" in second.stdout
+    assert "mine: Classes (wds/cls" not in second.stdout
+    assert json.loads((out / "mine_summary.json").read_text())["average"] == pytest.approx(expected)
+
+
+def test_named_suites_load():
+    from vlp.eval.suites import list_suites, load_suite
+
+    assert {"datacomp", "imagenet_robustness", "retrieval", "compositional"} <= set(list_suites())
+    datacomp = load_suite("datacomp")
+    assert len(datacomp.tasks) == 38
+    assert {t.main_metric for t in datacomp.tasks if t.dataset == "wds/vtab/pets"} == {"mean_per_class_recall"}
+    with pytest.raises(Exception, match="unknown suite 'nope'; suites: compositional, datacomp"):
+        load_suite("nope")

@@ -120,6 +120,11 @@ def _add_eval(sub) -> None:
         help="folder or URL of the --dataset, a template with CLIP_benchmark's keys: data/wds_{dataset_cleaned}",
     )
     p.add_argument("--split", default="test", help="split of the --dataset (its {split}/nshards.txt)")
+    p.add_argument(
+        "--suite",
+        help="a named list of datasets with their main metrics and average (datacomp, imagenet_robustness, retrieval, "
+        "compositional; vlp/eval/suite_lists/), found under --dataset_root; --output is then a folder",
+    )
     p.add_argument("--language", default="en", help="recorded in the results, as CLIP_benchmark records it")
     p.add_argument("--checkpoint", default="", help="vlp checkpoint, or open_clip file / safetensors with --model")
     p.add_argument("--model", help="architecture (needed for open_clip files and tags; alone: random init)")

@@ -31,6 +31,10 @@ TASK_OF_TYPE = {"classification": "zeroshot_classification", "retrieval": "zeros
 HF_DATASETS = "https://huggingface.co/datasets/"
 
 
+class DatasetMissing(EvalDataError):
+    """A layout file that is not there (a suite skips such a dataset and goes on)."""
+
+
 @dataclass(frozen=True)
 class BenchmarkDataset:
     """Where one CLIP_benchmark dataset lives: ``name`` as given (``wds/imagenet1k``), the folder or
@@ -81,12 +85,13 @@ def _read(location: str, required: bool = True) -> str | None:
             return f.read()
     except FileNotFoundError:
         if required:
-            raise EvalDataError(f"{location}: not found (CLIP_benchmark's layout needs it)") from None
+            raise DatasetMissing(f"{location}: not found (CLIP_benchmark's layout needs it)") from None
         return None
     except OSError as e:
-        if required or getattr(e, "code", None) not in (404, None):
-            raise EvalDataError(f"{location}: cannot read ({e})") from None
-        return None
+        if getattr(e, "code", None) == 404 and not required:
+            return None
+        kind = DatasetMissing if getattr(e, "code", None) == 404 else EvalDataError
+        raise kind(f"{location}: cannot read ({e})") from None
     except UnicodeDecodeError as e:
         raise EvalDataError(f"{location}: not UTF-8 text ({e})") from None
 

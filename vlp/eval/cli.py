@@ -13,6 +13,10 @@ from vlp.eval.run import build_specs, evaluate_tasks, format_table, write_result
 
 
 def _specs(args) -> list:
+    if args.suite:
+        if args.dataset or args.data or args.task:
+            raise ConfigError("--suite runs its own datasets: give it without --dataset, --task or --data")
+        return []
     if args.dataset:
         return _dataset_specs(args)
     if not args.task or not args.data:
@@ -102,6 +106,14 @@ def run_eval_command(args) -> int:
         )
         name = args.model or ("vlp checkpoint" if args.checkpoint else "")
         source = args.checkpoint or args.pretrained
+        if args.suite:
+            from vlp.eval.suite_run import run_suite
+
+            written = run_suite(args, model, tokenizer, ctx, name, source)
+            if env.is_main:
+                print(f"vlp eval: results in {args.output} ({', '.join(str(p) for p in written)})")
+            barrier(env)
+            return 0
         results = evaluate_tasks(model, tokenizer, specs, ctx, model_name=name, pretrained=source)
         for r in results:
             r["language"] = args.language
