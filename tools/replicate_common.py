@@ -14,6 +14,11 @@ table, writes ``<out>/replicate_<name>.json`` and, with ``--json``, prints that 
 data goes to ``<out>/data``; data already there (from an earlier run, or `vlp demo --out` the same
 folder) is reused when it is up to date. With ``--eval-every N`` both runs are also evaluated
 every N steps, and the table and the JSON (``curve``) give the gain at each of those steps.
+``--baseline-from DIR`` trains only the variant: each seed's baseline is the one an earlier run with
+``--out DIR`` trained (its row in ``DIR/replicate_<name>.json``), used only where the config that run
+saved (``DIR/baseline-seed<N>/config.yaml``) is the one this run would train (same steps, seed,
+``--set``, data); the variant then trains and is evaluated on ``DIR/data``, and its runs and the JSON
+go to ``--out`` as usual. The check covers the config, not the code: reuse baselines of the current code.
 """
 
 from __future__ import annotations
@@ -81,6 +86,12 @@ def build_parser(name: str, default_steps: int = 600, add_options: Callable | No
         default=[],
         help="extra config override of the variant only, applied after the script's own variant settings",
     )
+    p.add_argument(
+        "--baseline-from",
+        metavar="DIR",
+        default="",
+        help="reuse the baselines an earlier run with --out DIR trained (same config checked); train the variant only",
+    )
     if add_options is not None:
         add_options(p)
     return p
@@ -115,15 +126,32 @@ def _data(out: Path, quick: bool, seed: int, train_images: int = 0) -> int:
     return demo.TRAIN_SAMPLES
 
 
-def _run(out: Path, name: str, steps: int, seed: int, overrides: list[str], quiet: bool, every: int = 0) -> dict:
-    """One training run; its final metrics and, with ``every`` > 0, ``curve``: step -> metrics."""
+def _config(data_root: Path, run_dir: Path, steps: int, seed: int, overrides: list[str], every: int):
+    """The config of one run: the demo's on the shapes data under ``data_root``, written to ``run_dir``."""
     from vlp.demo import demo_config
+
+    sets = [f"train.seed={seed}", f"train.eval_every={every}", "train.checkpoint_every=0", "train.progress=off"]
+    cfg = demo_config(data_root, steps, [*sets, *overrides])
+    cfg.train.output_dir = str(run_dir)
+    return cfg
+
+
+def _run(
+    out: Path,
+    name: str,
+    steps: int,
+    seed: int,
+    overrides: list[str],
+    quiet: bool,
+    every: int = 0,
+    data_root: Path | None = None,
+) -> dict:
+    """One training run (on the data under ``data_root``, default ``out``); its final metrics and, with
+    ``every`` > 0, ``curve``: step -> metrics."""
     from vlp.train.trainer import Trainer
 
     run_dir = out / f"{name}-seed{seed}"
-    sets = [f"train.seed={seed}", f"train.eval_every={every}", "train.checkpoint_every=0", "train.progress=off"]
-    cfg = demo_config(out, steps, [*sets, *overrides])
-    cfg.train.output_dir = str(run_dir)
+    cfg = _config(data_root or out, run_dir, steps, seed, overrides, every)
     t0 = time.perf_counter()
     sink = io.StringIO()
     trainer = Trainer(cfg)
@@ -133,6 +161,62 @@ def _run(out: Path, name: str, steps: int, seed: int, overrides: list[str], quie
     if every:
         row["curve"] = {str(r["step"]): _report(r) for r in trainer.eval_results}
     return row
+
+
+def _reused_baselines(base: Path, name: str, steps: int, args: argparse.Namespace) -> tuple[int, list[dict]]:
+    """``--baseline-from base``: the training images and, per seed of ``args.seeds``, the baseline row an
+    earlier run with ``--out base`` wrote, each checked against the config this run would give it."""
+    import yaml
+
+    from vlp import demo
+
+    path = base / f"replicate_{name}.json"
+    if not path.is_file():
+        sys.exit(f"--baseline-from {base}: no {path.name} there (an earlier run of replicate_{name}.py --out {base})")
+    earlier = json.loads(path.read_text())
+    images = earlier["train_images"]
+    if args.train_images and args.train_images != images:
+        sys.exit(f"--baseline-from {base}: its baselines trained on {images} images, not {args.train_images}")
+    demo.TRAIN_SAMPLES = images  # the shards the baselines' config names
+    rows = dict(zip(earlier["seeds"], earlier["runs"]["baseline"]))
+    reused = []
+    for seed in args.seeds:
+        run_dir = Path(rows[seed]["run"]) if seed in rows else base / f"baseline-seed{seed}"  # as that run spelled it
+        saved = run_dir / "config.yaml"
+        if seed not in rows or run_dir.parent.resolve() != base.resolve() or not saved.is_file():
+            sys.exit(f"--baseline-from {base}: no baseline of seed {seed} there (seeds {earlier['seeds']})")
+        want = _config(run_dir.parent, run_dir, steps, seed, args.overrides, args.eval_every)
+        changed = _config_differences(yaml.safe_load(saved.read_text()), want)
+        if changed:
+            sys.exit(f"--baseline-from {base}: the baseline of seed {seed} had another config: {'; '.join(changed)}")
+        reused.append(rows[seed])
+    return images, reused
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _config_differences(saved: dict, cfg) -> list[str]:
+    """``key: saved -> cfg's`` where the config a run saved is not ``cfg``, filled in as the trainer fills
+    in the one it saves (the model's preprocessing). A key the saved config lacks (added since) counts
+    only where ``cfg`` sets it to other than its default."""
+    from vlp.config import Config
+    from vlp.models.registry import build
+
+    given, default = _flat(cfg.to_dict()), _flat(Config().to_dict())
+    cfg.model = build(cfg.model)[1]
+    old, new = _flat(saved), _flat(cfg.to_dict())
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key in ("train.resume", "train.overwrite") or (key not in old and given.get(key) == default.get(key)):
+            continue
+        if old.get(key) != new.get(key):
+            out.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return out
 
 
 def _report(evaluated: dict) -> dict:
@@ -193,14 +277,22 @@ def replicate(
     args = parse_args(name, default_steps, add_options)
     out = Path(args.out)
     steps = 20 if args.quick else args.steps
-    train_images = _data(out, args.quick, 0, args.train_images)
+    base = Path(args.baseline_from) if args.baseline_from else None
+    if base is not None:  # the earlier run's data, as it is: the variant trains and is evaluated on it too
+        train_images, reused = _reused_baselines(base, name, steps, args)
+    else:
+        train_images, reused = _data(out, args.quick, 0, args.train_images), None
     if variant_data is not None:
         variant_overrides = [*variant_overrides, *variant_data(out, QUICK_IMAGES if args.quick else train_images, args)]
     variant_overrides = [*variant_overrides, *args.variant_sets]
     runs = {"baseline": [], "variant": []}
-    for seed in args.seeds:
+    for i, seed in enumerate(args.seeds):
         for kind, extra in (("baseline", []), ("variant", variant_overrides)):
-            runs[kind].append(_run(out, kind, steps, seed, args.overrides + extra, args.json, args.eval_every))
+            if kind == "baseline" and reused is not None:
+                runs[kind].append(reused[i])
+            else:
+                row = _run(out, kind, steps, seed, args.overrides + extra, args.json, args.eval_every, base)
+                runs[kind].append(row)
             if not args.json:
                 shown = ", ".join(f"{k} {v:.3f}" for k, v in runs[kind][-1].items() if k in REPORTED and v is not None)
                 print(f"{kind} seed {seed}: {shown}", flush=True)
@@ -213,6 +305,8 @@ def replicate(
         "seeds": args.seeds,
         "quick": args.quick,
         "train_images": train_images,
+        "overrides": args.overrides,
+        "baseline_from": str(base) if base is not None else None,
         "baseline": means["baseline"],
         "variant": means["variant"],
         "delta": delta,
