@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from vlp.eval.datasets import (
 )
 from vlp.eval.registry import load_eval_data
 from vlp.eval.synthetic_layouts import describes, export_eval_layouts, negatives, size_flags, size_swap
+from vlp.eval.tar_index import TarSlice
 from vlp.eval.tasks.compositional import load_compositional
 from vlp.eval.tasks.counting import find_number, load_counting
 
@@ -97,7 +99,11 @@ def test_classification_shards(tmp_path):
     info = write_synthetic_shards(tmp_path / "val", 12, start_index=10**7, single_group=True, progress=False)
     pattern = str(tmp_path / "val" / info["shards"])
     data = load_classification(pattern)  # class names and templates from _info.json
-    assert len(data.images) == 12 and all(isinstance(b, bytes) for b in data.images)
+    # local shards are indexed: each image is where its bytes are, read when it is encoded
+    assert len(data.images) == 12 and all(isinstance(b, TarSlice) for b in data.images)
+    with tarfile.open(data.images[0].path) as tar:
+        first = next(m for m in tar if m.name.endswith((".jpg", ".png", ".webp")))
+        assert data.images[0].read() == tar.extractfile(first).read()
     assert data.classnames == synthetic.zeroshot_classnames() and data.templates == list(synthetic.ZEROSHOT_TEMPLATES)
     assert data.labels == [synthetic.make_scene(0, 10**7 + i, single_group=True).meta["cls"] for i in range(12)]
     assert data.name == "val"
@@ -143,7 +149,7 @@ def test_retrieval_shards(tmp_path):
     ]
     data = load_eval_data("retrieval", str(write_tar(tmp_path / "r.tar", samples)))
     assert data.captions == ["a red square", "x", "y"] and data.text_to_image == [0, 1, 1]
-    assert all(isinstance(b, bytes) for b in data.images)
+    assert all(isinstance(b, TarSlice) for b in data.images)
     assert data.skipped == {"missing_caption": 1, "missing_image": 1}
 
 

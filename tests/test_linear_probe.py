@@ -25,6 +25,7 @@ from vlp.eval.linear_probe import (
     train_linear,
 )
 from vlp.eval.registry import EvalContext, get_task, load_eval_data
+from vlp.eval.tar_index import TarSlice
 from vlp.eval.tasks.linear_probe import load_linear_probe
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
@@ -261,7 +262,7 @@ def test_load_linear_probe_folders_and_shards(tmp_path):
         (tmp_path / "wds" / split / "_info.json").write_text(json.dumps({"classnames": ["a", "b"]}))
     data = load_linear_probe(tmp_path / "wds")
     assert data.split == ["train"] * 3 + ["test"] * 2 and data.labels == [0, 1, 0, 0, 1]
-    assert isinstance(data.images[0], bytes)
+    assert isinstance(data.images[0], TarSlice)  # local shards: read when encoded
 
 
 def test_load_linear_probe_errors(tmp_path):

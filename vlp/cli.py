@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             "DataStopError",
             "NoUsableDataError",
         )
-        if type(e).__name__ in known:
+        if any(cls.__name__ in known for cls in type(e).__mro__):  # their subclasses too
             print(f"vlp {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -1,10 +1,12 @@
 """Evaluation data layouts shared by the tasks (ImageFolder, JSONL, WebDataset) -> :class:`EvalData`,
 and the row helpers the tasks' own loaders (in :mod:`vlp.eval.tasks`) build on.
 
-``EvalData.images`` holds absolute path strings, or for WebDataset layouts the raw encoded bytes
-(eval sets are small: holding the bytes saves a second pass over the tars); :class:`ImageList`
-decodes either lazily. Fatal problems raise :class:`EvalDataError` naming the file (and line); bad
-rows and missing images are skipped and counted by kind in ``EvalData.skipped``.
+``EvalData.images`` holds absolute path strings, for local WebDataset shards where each image's
+bytes are (:class:`vlp.eval.tar_index.TarSlice`: read when the image is encoded, so an eval set
+held for a whole training run costs its labels and captions only), and for remote shards the raw
+encoded bytes; :class:`ImageList` decodes each lazily. Fatal problems raise :class:`EvalDataError`
+naming the file (and line); bad rows and missing images are skipped and counted by kind in
+``EvalData.skipped``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from vlp.data.decode import SkipCounter, decode_caption, decode_image
 from vlp.data.images import ImagePolicy
 from vlp.data.shardlists import DataConfigError, expand_urls
 from vlp.data.textfiles import read_text, text_lines
+from vlp.eval.tar_index import TarSlice, indexed_samples, is_local
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")  # shard members tried, in order, for the image
 IMAGE_EXTENSIONS = tuple(f".{k}" for k in IMAGE_KEYS)
@@ -78,6 +81,11 @@ class ImageList(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         data = self.images[i]
+        if isinstance(data, TarSlice):
+            try:
+                data = data.read()
+            except OSError:
+                return i, None, "unreadable_image"
         if not isinstance(data, (bytes, bytearray)):
             try:
                 data = Path(data).read_bytes()
@@ -198,7 +206,8 @@ def _shard_rows(urls: list[str], skips: SkipCounter, convert: Callable[[dict, di
     from vlp.data.stream import _shard_samples
 
     for url in urls:
-        for raw in _shard_samples(url, skips):
+        samples = _indexed(url, skips) if is_local(url) else _shard_samples(url, skips)
+        for raw in samples:
             where = f"{url}#{raw.get('__key__', '?')}"
             try:
                 meta = json.loads(raw["json"]) if "json" in raw else {}
@@ -209,6 +218,16 @@ def _shard_rows(urls: list[str], skips: SkipCounter, convert: Callable[[dict, di
                 meta = {}
             image = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
             yield where, image, convert(raw, meta, where) if image is not None else "missing_image"
+
+
+def _indexed(url: str, skips: SkipCounter) -> Iterator[dict]:
+    """A local shard's samples with their images as TarSlice objects (read when encoded)."""
+    import tarfile
+
+    try:
+        yield from indexed_samples(url, IMAGE_KEYS)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        skips.add("shard_error", url, repr(e))
 
 
 def _classification_shards(path: PathSpec, urls: list[str], classnames, templates) -> EvalData:
