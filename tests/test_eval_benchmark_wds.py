@@ -215,3 +215,29 @@ def test_named_suites_load():
     assert {t.main_metric for t in datacomp.tasks if t.dataset == "wds/vtab/pets"} == {"mean_per_class_recall"}
     with pytest.raises(Exception, match="unknown suite 'nope'; suites: compositional, datacomp"):
         load_suite("nope")
+
+
+def test_training_evaluates_datasets_and_suites_by_name(benchmark_root, shapes_shards, tmp_path):
+    from tests.distributed import backend_run_sets
+    from vlp.train.logging import read_metrics
+
+    suite = tmp_path / "mine.yaml"
+    suite.write_text(
+        "name: mine\ntasks:\n  - {dataset: wds/ret, name: Captions, main_metric: mean_recall@1}\n"
+        "  - {dataset: wds/absent, name: Absent, main_metric: acc1}\n"
+    )
+    out = tmp_path / "run"
+    sets = backend_run_sets(
+        shapes_shards, out, "train.steps=2", f"eval.datasets=[wds/cls, 'suite/{suite}']",
+        f"eval.dataset_root={benchmark_root / 'wds_{dataset}'}",
+    )  # fmt: skip
+    run_main("train", "--config", "configs/demo.yaml", *sets)
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if any(k.startswith("eval/") for k in r)]
+    last = evals[-1]
+    assert "eval/wds/cls/zeroshot_classification/acc1" in last
+    assert "eval/wds/ret/zeroshot_retrieval/image_retrieval_recall@1" in last
+    ret = (
+        last["eval/wds/ret/zeroshot_retrieval/image_retrieval_recall@1"]
+        + last["eval/wds/ret/zeroshot_retrieval/text_retrieval_recall@1"]
+    ) / 2
+    assert last["eval/suite/mine/average"] == pytest.approx(ret) and last["eval/suite/mine/tasks_scored"] == 1

@@ -370,6 +370,16 @@ class EvalConfig:
     batch_size: int = _f(256, "Batch size of feature extraction.")
     classnames: list[str] = _f([], "Class names for zero-shot (empty = from the data: folders or _info.json).")
     templates: list[str] = _f([], "Prompt templates with `{c}` (empty = from the data, else ImageNet's 7).")
+    datasets: list[str] = _f(
+        [],
+        "Also evaluate CLIP_benchmark datasets by name (`wds/imagenet1k`) and suites (`suite/imagenet_robustness`, "
+        "see `vlp eval --suite`), found under `eval.dataset_root`; each is logged as `eval/<dataset>/<task>/<metric>`, "
+        "a suite also as `eval/suite/<name>/average`. Images are read from the shards when encoded, not held.",
+    )
+    dataset_root: str = _f(
+        "", "Where `eval.datasets` are: a folder or URL template with `{dataset}` / `{dataset_cleaned}`."
+    )
+    split: str = _f("test", "Split of `eval.datasets` (their `{split}/nshards.txt`).")
 
 
 @dataclass

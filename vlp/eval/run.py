@@ -57,14 +57,17 @@ def evaluate_tasks(model, tokenizer, specs, ctx: EvalContext, *, model_name="", 
 
 
 def flat_metrics(results: list[dict]) -> dict:
-    """``{"<task>/<metric>": value}`` of the scalar metrics, for logs and reports."""
+    """``{"<task>/<metric>": value}`` of the scalar metrics (``<dataset>/<task>/<metric>`` for a
+    CLIP_benchmark dataset by name), for logs and reports."""
     out = {}
     for r in results:
+        # a dataset by name (wds/...) is keyed by it too: several share a task
+        head = f"{r['dataset']}/{r['task']}" if str(r["dataset"]).startswith("wds/") else r["task"]
         for k, v in r["metrics"].items():
             if isinstance(v, (int, float)):
-                out[f"{r['task']}/{k}"] = v
+                out[f"{head}/{k}"] = v
         for k, v in r.get("skipped", {}).items():
-            out[f"{r['task']}/skipped/{k}"] = v
+            out[f"{head}/skipped/{k}"] = v
     return out
 
 

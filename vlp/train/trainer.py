@@ -189,12 +189,16 @@ class Trainer:
                              unique=d.unique_captions, state=state)  # fmt: skip
 
     def _load_eval_specs(self) -> list:
-        """The eval tasks' data, read once (images stay on disk; WebDataset bytes in memory)."""
+        """The eval tasks' data, read once (images stay on disk, local shards indexed), then the
+        datasets and suites named in ``eval.datasets``."""
+        from vlp.eval.named import named_specs
         from vlp.eval.run import build_specs
 
         e = self.cfg.eval
         paths = e.data or ([self.cfg.data.val_shards[0]] * len(e.tasks) if self.cfg.data.val_shards else [])
-        return build_specs(e.tasks, paths, classnames=e.classnames, templates=e.templates) if paths else []
+        specs = build_specs(e.tasks, paths, classnames=e.classnames, templates=e.templates) if paths else []
+        named, self.eval_suites = named_specs(e.datasets, e.dataset_root, e.split)
+        return specs + named
 
     # ---- the loop -------------------------------------------------------------------------
     def train(self) -> dict:
@@ -319,13 +323,15 @@ class Trainer:
         every = self.cfg.train.eval_every
         if not self.eval_specs or not (force or (every and self.step % every == 0)):
             return None
+        from vlp.eval.named import suite_averages
         from vlp.eval.run import evaluate_tasks, flat_metrics
 
         self.last_eval_step = self.step
         ctx = self.eval_context(self.out_dir / "eval")
         # every rank extracts its share of the features; all get the same results
         with self.full_model() as model:
-            results = flat_metrics(evaluate_tasks(model, self.tokenizer, self.eval_specs, ctx))
+            raw = evaluate_tasks(model, self.tokenizer, self.eval_specs, ctx)
+        results = {**flat_metrics(raw), **suite_averages(self.eval_suites, raw)}
         self.eval_results.append({"step": self.step, **results})
         self.logger.log(self.step, {f"eval/{k}": v for k, v in results.items()})
         return results
