@@ -241,3 +241,28 @@ def test_training_evaluates_datasets_and_suites_by_name(benchmark_root, shapes_s
         + last["eval/wds/ret/zeroshot_retrieval/text_retrieval_recall@1"]
     ) / 2
     assert last["eval/suite/mine/average"] == pytest.approx(ret) and last["eval/suite/mine/tasks_scored"] == 1
+
+
+def test_dataset_root_over_http(benchmark_root, checkpoint, tmp_path):
+    """--dataset_root as an http URL (metadata by urllib, tars through the shard reader), served by a
+    local server the test starts; the numbers equal the local folder's."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(benchmark_root))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        results = {}
+        for where, root in (("http", f"http://127.0.0.1:{server.server_port}/wds_{{dataset}}"),
+                            ("local", str(benchmark_root / "wds_{dataset}"))):  # fmt: skip
+            out = tmp_path / where
+            run_main("eval", "--dataset", "wds/cls", "--dataset", "wds/ret", "--dataset_root", root, "--model", "debug",
+                     "--checkpoint", checkpoint, "--output", f"{out}/", "--workers", "0")  # fmt: skip
+            results[where] = {p.name: json.loads(p.read_text())["metrics"] for p in out.glob("*_en_*.json")}
+    finally:
+        server.shutdown()
+    assert len(results["http"]) == 2
+    assert json.dumps(results["http"], sort_keys=True) == json.dumps(results["local"], sort_keys=True)
