@@ -15,25 +15,12 @@ import torch
 from PIL import Image
 
 from tests.conftest import run_main
+from tools.bench.eval_wds import ConverterInput
 
 cb_builder = pytest.importorskip("clip_benchmark.webdataset_builder")
 
 CLASSES = ["red circle", "blue square", "green triangle", "yellow star"]
 TEMPLATES = ["a photo of a {c}.", "a drawing of a {c}."]
-
-
-class _Pairs(torch.utils.data.Dataset):
-    """(PIL image, label or captions) items, as CLIP_benchmark's converter takes them."""
-
-    def __init__(self, items, classes=None, templates=None):
-        self.items, self.classes, self.templates = items, classes, templates
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        image, target = self.items[i]
-        return cb_builder.PIL_to_bytes("webp")(image), target
 
 
 def _image(g):
@@ -46,10 +33,10 @@ def benchmark_root(tmp_path_factory):
     three captions each, in 2 shards), written by clip_benchmark.webdataset_builder."""
     root = tmp_path_factory.mktemp("cb")
     g = np.random.default_rng(0)
-    cls = _Pairs([(_image(g), i % 4) for i in range(12)], CLASSES, TEMPLATES)
+    cls = ConverterInput([(_image(g), i % 4) for i in range(12)], CLASSES, TEMPLATES)
     cb_builder.convert_dataset(cls, "test", str(root / "wds_cls"), max_count=5, verbose=False)
     words = ["cat", "dog", "car", "tree", "boat", "lamp", "cup", "bird", "shoe", "kite"]
-    ret = _Pairs([(_image(g), [f"a {w}", f"the {w} on a table", f"one {w} outside"]) for w in words])
+    ret = ConverterInput([(_image(g), [f"a {w}", f"the {w} on a table", f"one {w} outside"]) for w in words])
     cb_builder.convert_retrieval_dataset(ret, "test", str(root / "wds_ret"), max_count=6, verbose=False)
     return root
 

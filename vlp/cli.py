@@ -126,14 +126,7 @@ def _add_eval(sub) -> None:
         "compositional; vlp/eval/suite_lists/), found under --dataset_root; --output is then a folder",
     )
     p.add_argument("--language", default="en", help="recorded in the results, as CLIP_benchmark records it")
-    p.add_argument("--checkpoint", default="", help="vlp checkpoint, or open_clip file / safetensors with --model")
-    p.add_argument("--model", help="architecture (needed for open_clip files and tags; alone: random init)")
-    p.add_argument(
-        "--pretrained",
-        default="",
-        help="published weights: an open_clip tag of --model (openai, laion2b_s34b_b79k, ...), hf-hub:org/repo, "
-        "an open_clip or Hugging Face CLIPModel folder (through the Hugging Face cache; see docs/pretrained.md)",
-    )
+    _add_model_source(p)
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--workers", type=int, default=2, help="image loading workers per rank")
     p.add_argument("--classnames", help="file (one per line) or 'imagenet' (default: folder names / _info.json)")
@@ -169,16 +162,25 @@ def _add_image_options(p) -> None:
     )
 
 
-def _add_caption(sub) -> None:
-    p = sub.add_parser("caption", help="caption images with a CoCa model: prints path<TAB>caption, writes JSON")
+def _add_model_source(p) -> None:
+    """Where ``vlp eval`` and ``vlp caption`` get the model: a checkpoint, an architecture, published weights."""
     p.add_argument("--checkpoint", default="", help="vlp checkpoint, or open_clip file / safetensors with --model")
     p.add_argument("--model", help="architecture (needed for open_clip files and tags; alone: random init)")
+    _add_pretrained(p)
+
+
+def _add_pretrained(p) -> None:
     p.add_argument(
         "--pretrained",
         default="",
         help="published weights: an open_clip tag of --model (openai, laion2b_s34b_b79k, ...), hf-hub:org/repo, "
         "an open_clip or Hugging Face CLIPModel folder (through the Hugging Face cache; see docs/pretrained.md)",
     )
+
+
+def _add_caption(sub) -> None:
+    p = sub.add_parser("caption", help="caption images with a CoCa model: prints path<TAB>caption, writes JSON")
+    _add_model_source(p)
     p.add_argument("--images", required=True, help="a folder (its image files, recursively) or a glob pattern")
     p.add_argument("--strategy", choices=("greedy", "beam", "sample"), default="beam")
     p.add_argument("--max-len", type=positive_int, default=30, help="tokens after start-of-text, end-of-text included")
@@ -204,12 +206,7 @@ def _add_export(sub) -> None:
         default="",
         help="vlp checkpoint (runs/NAME/checkpoints/step_*.pt), or an open_clip file with --model",
     )
-    p.add_argument(
-        "--pretrained",
-        default="",
-        help="published weights: an open_clip tag of --model (openai, laion2b_s34b_b79k, ...), hf-hub:org/repo, "
-        "an open_clip or Hugging Face CLIPModel folder (through the Hugging Face cache; see docs/pretrained.md)",
-    )
+    _add_pretrained(p)
     p.add_argument(
         "--format",
         required=True,

@@ -42,7 +42,10 @@ import torch
 from tools.bench.common import CpuContention, format_table, median, write_json
 
 
-class _Pairs(torch.utils.data.Dataset):
+class ConverterInput(torch.utils.data.Dataset):
+    """(image bytes, label or captions) items with ``classes`` / ``templates``: what CLIP_benchmark's
+    converter takes (images encoded as its command line encodes them, lossless WebP)."""
+
     def __init__(self, items, classes=None, templates=None):
         self.items, self.classes, self.templates = items, classes, templates
 
@@ -68,9 +71,11 @@ def write_data(root: Path, n: int, classes: int, seed: int = 0) -> None:
         return Image.fromarray(small).resize((320, 240), Image.BICUBIC)
 
     names = [f"class {i}" for i in range(classes)]
-    cls = _Pairs([(image(), i % classes) for i in range(n)], names, ["a photo of a {c}.", "a drawing of a {c}."])
+    cls = ConverterInput(
+        [(image(), i % classes) for i in range(n)], names, ["a photo of a {c}.", "a drawing of a {c}."]
+    )
     convert_dataset(cls, "test", str(root / "wds_cls"), max_count=256, verbose=False)
-    ret = _Pairs([(image(), [f"picture {i} number {j}" for j in range(5)]) for i in range(n // 2)])
+    ret = ConverterInput([(image(), [f"picture {i} number {j}" for j in range(5)]) for i in range(n // 2)])
     convert_retrieval_dataset(ret, "test", str(root / "wds_ret"), max_count=256, verbose=False)
 
 
