@@ -23,11 +23,10 @@ def load_model(path_or_name: str, model_name: str | None = None, device: str = "
     not fitting the architecture, an unknown tag, weights not in the cache while offline, a QuickGELU
     mismatch, or a plain weights file without ``model_name``).
     """
-    from vlp.checkpoint import load_state_dict_checked, resolve
+    from vlp.checkpoint import resolve
     from vlp.checkpoint.published import HUB_PREFIX
     from vlp.config import ModelConfig
-    from vlp.models.pretrained import fit_state_dict
-    from vlp.models.registry import build, eval_preprocess
+    from vlp.models.registry import build, build_loaded, eval_preprocess
     from vlp.models.tokenizer import get_tokenizer
 
     spec = str(path_or_name)
@@ -36,13 +35,7 @@ def load_model(path_or_name: str, model_name: str | None = None, device: str = "
         name = model_name or (ModelConfig().name if spec.startswith(HUB_PREFIX) else spec)
         model, mcfg = build(ModelConfig(name=name, pretrained=str(pretrained or spec)))
     elif path.exists():
-        found = resolve(path, model_name)
-        model, mcfg = build(found.model_cfg)
-        load_state_dict_checked(model, fit_state_dict(model, found.state_dict), path, mcfg.name)
-        if mcfg.lora.rank:  # LoRA adapters merged into the base weights: the plain model, as exported
-            from vlp.models.lora import merge_lora
-
-            model = merge_lora(model)
+        model, mcfg = build_loaded(resolve(path, model_name))  # LoRA merged: the plain model, as exported
     elif "/" not in spec and not path.suffix and model_name in (None, spec):
         model, mcfg = build(spec)  # an architecture name: random weights
     else:

@@ -106,21 +106,17 @@ def resolve(path: str | Path, model_name: str | None = None) -> Resolved:
         else:
             obj, saved = read_file(path), None
         kind = KINDS[2] if is_vlp_checkpoint(obj) else KINDS[3] if saved is not None else KINDS[4]
-    if model_name:
-        model_cfg = ModelConfig(name=model_name)
-    elif is_vlp_checkpoint(obj):
-        model_cfg = architecture_of(obj, path)
-    elif saved is not None:
-        model_cfg = architecture_only(saved)
+    checkpoint = obj if is_vlp_checkpoint(obj) else None
+    own = architecture_of(obj, path) if checkpoint is not None else saved  # the config the file carries
+    if model_name:  # the named architecture, with the weights' own preprocessing
+        model_cfg = ModelConfig(name=model_name, preprocess=own.preprocess) if own else ModelConfig(name=model_name)
+    elif own is not None:
+        model_cfg = architecture_only(own)
     else:
         raise ArchitectureNeeded(
             f"{path} is not a vlp checkpoint: pass model_name (the open_clip architecture, e.g. 'ViT-B-32'); "
             f"tried: {', '.join(KINDS[:4])} (their architecture is inside), and {KINDS[4]} (needs it named)"
         )
-    checkpoint = obj if is_vlp_checkpoint(obj) else None
-    own = architecture_of(obj, path) if checkpoint is not None else saved
-    if own is not None and model_name:  # the weights' preprocessing stays theirs
-        model_cfg = dataclasses.replace(model_cfg, preprocess=own.preprocess)
     return Resolved(path, kind, model_cfg, extract_state_dict(obj), checkpoint, preprocess_in(own))
 
 

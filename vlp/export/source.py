@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from vlp.checkpoint import ArchitectureNeeded, NotACheckpoint, load_state_dict_checked, resolve
+from vlp.checkpoint import ArchitectureNeeded, NotACheckpoint, resolve
 from vlp.config import ModelConfig
 from vlp.export.errors import ExportError
 
@@ -52,8 +52,7 @@ def load_source(path: str | Path, model_name: str | None = None) -> ExportSource
         CheckpointError: unreadable, unsafe to unpickle, or weights that do not fit the architecture.
         ExportError: a folder that is not a DeepSpeed checkpoint, or a plain weights file without ``model_name``.
     """
-    from vlp.models.pretrained import fit_state_dict
-    from vlp.models.registry import build
+    from vlp.models.registry import build_loaded
 
     try:
         found = resolve(path, model_name)
@@ -64,12 +63,7 @@ def load_source(path: str | Path, model_name: str | None = None) -> ExportSource
             f"{path} is not a vlp checkpoint (no 'format': 'vlp-checkpoint-v1') nor a vlp safetensors "
             "export; for an open_clip checkpoint file pass --model NAME, its architecture (e.g. ViT-B-32)"
         ) from None
-    model, mcfg = build(found.model_cfg)
-    load_state_dict_checked(model, fit_state_dict(model, found.state_dict), found.path, mcfg.name)
-    if mcfg.lora.rank:  # exported as the plain model: adapters merged into the base weights
-        from vlp.models.lora import merge_lora, without_lora
-
-        model, mcfg = merge_lora(model), without_lora(mcfg)
+    model, mcfg = build_loaded(found)  # exported as the plain model: LoRA adapters merged
     pp = mcfg.preprocess
     return ExportSource(found.path, found.kind, model.eval(), mcfg, tuple(pp.mean), tuple(pp.std))
 

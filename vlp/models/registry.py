@@ -146,6 +146,22 @@ def build(name, *, pretrained: str = "", device: str | torch.device = "cpu"):
     return model, _settle_preprocess(model, mcfg)
 
 
+def build_loaded(found, *, device: str | torch.device = "cpu"):
+    """The model of a resolved checkpoint (:func:`vlp.checkpoint.resolve`), its weights loaded
+    strictly after open_clip's fix-ups; LoRA adapters merged into the base weights, so the result
+    is the plain model (and ``mcfg`` has ``lora`` off). Returns ``(model, mcfg)`` as :func:`build`."""
+    from vlp.checkpoint import load_state_dict_checked
+    from vlp.models.pretrained import fit_state_dict
+
+    model, mcfg = build(found.model_cfg, device=device)
+    load_state_dict_checked(model, fit_state_dict(model, found.state_dict), found.path, mcfg.name)
+    if mcfg.lora.rank:
+        from vlp.models.lora import merge_lora, without_lora
+
+        model, mcfg = merge_lora(model), without_lora(mcfg)
+    return model, mcfg
+
+
 def _load_pretrained(model: torch.nn.Module, source, mcfg):
     """Load ``source``'s weights; a checkpoint's saved preprocessing fills what ``mcfg`` leaves empty."""
     from vlp.checkpoint import load_state_dict_checked, resolve
@@ -156,21 +172,16 @@ def _load_pretrained(model: torch.nn.Module, source, mcfg):
         return mcfg
     found = resolve(source.spec, mcfg.name)
     sd = found.state_dict
-    if found.checkpoint is not None and _saved_lora(found):  # a LoRA run's checkpoint: start from it merged
+    if found.checkpoint is not None:  # a LoRA run's checkpoint starts the next run merged
         from vlp.checkpoint.kinds import architecture_of
-        from vlp.models.lora import merge_lora
 
-        adapted, _ = build(architecture_of(found.checkpoint, found.path))
-        load_state_dict_checked(adapted, sd, found.path, mcfg.name)
-        sd = merge_lora(adapted).state_dict()
+        saved = architecture_of(found.checkpoint, found.path)
+        if saved.lora.rank:
+            sd = build_loaded(dataclasses.replace(found, model_cfg=saved))[0].state_dict()
     load_state_dict_checked(model, fit_state_dict(model, sd), found.path, mcfg.name)
     saved = found.preprocess or {}
     fields = {k: v for k, v in saved.items() if not getattr(mcfg.preprocess, k)}
     return dataclasses.replace(mcfg, preprocess=dataclasses.replace(mcfg.preprocess, **fields)) if fields else mcfg
-
-
-def _saved_lora(found) -> bool:
-    return bool(((found.checkpoint.get("config") or {}).get("model") or {}).get("lora", {}).get("rank", 0))
 
 
 def _settle_preprocess(model: torch.nn.Module, mcfg):
