@@ -197,3 +197,26 @@ def tiny_tower_sets(hf_folder, *extra: str) -> list[str]:
         "model.text.lock=true",
         *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def _s3_session():
+    """moto's S3 server on 127.0.0.1 behind a proxy the tests control (tests/s3_server.py)."""
+    pytest.importorskip("moto.server", reason="moto[server] is in the dev extra: pip install -e '.[dev]'")
+    pytest.importorskip("s3fs", reason="s3fs is in the dev extra: pip install -e '.[dev]'")
+    from tests.s3_server import start
+
+    server, stop = start()
+    yield server
+    stop()
+
+
+@pytest.fixture()
+def s3_server(_s3_session, monkeypatch):
+    """The S3 server with this process's clients pointed at it; the proxy is up again after the test."""
+    from tests.s3_server import apply_env
+
+    apply_env(_s3_session, monkeypatch)
+    _s3_session.proxy.restore()
+    yield _s3_session
+    _s3_session.proxy.restore()
