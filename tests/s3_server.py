@@ -11,6 +11,7 @@ memory, so the server itself is never restarted. No other address is ever contac
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -142,6 +143,7 @@ def start() -> tuple[S3Server, object]:
 
     port = free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
     moto.start()
     proxy = Proxy(port)
     server = S3Server(f"http://127.0.0.1:{proxy.port}", f"http://127.0.0.1:{port}", proxy)
