@@ -253,3 +253,73 @@ def test_dataset_root_over_http(benchmark_root, checkpoint, tmp_path):
         server.shutdown()
     assert len(results["http"]) == 2
     assert json.dumps(results["http"], sort_keys=True) == json.dumps(results["local"], sort_keys=True)
+
+
+def test_dataset_root_as_a_pipe_command(benchmark_root, checkpoint, tmp_path):
+    """--dataset_root 'pipe:CMD PREFIX': every file's path is appended to the command, as CLIP_benchmark
+    joins paths to its root (shards as webdataset pipe: urls, the metadata files the same way); the
+    numbers equal the local folder's, and a dataset that is not there is one line naming the command."""
+    from vlp.eval import benchmark_wds
+
+    results = {}
+    for where, root in (("pipe", f"pipe:cat {benchmark_root}/wds_{{dataset}}"),
+                        ("local", str(benchmark_root / "wds_{dataset}"))):  # fmt: skip
+        out = tmp_path / where
+        run_main("eval", "--dataset", "wds/cls", "--dataset", "wds/ret", "--dataset_root", root, "--model", "debug",
+                 "--checkpoint", checkpoint, "--output", f"{out}/", "--workers", "0")  # fmt: skip
+        results[where] = {p.name: json.loads(p.read_text())["metrics"] for p in out.glob("*_en_*.json")}
+    assert len(results["pipe"]) == 2
+    assert json.dumps(results["pipe"], sort_keys=True) == json.dumps(results["local"], sort_keys=True)
+    ds = benchmark_wds.locate("wds/nope", f"pipe:cat {benchmark_root}/wds_{{dataset}}")
+    with pytest.raises(benchmark_wds.DatasetMissing, match=r"wds_nope/test/nshards.txt: the command failed \(exit 1\)"):
+        benchmark_wds.shard_urls(ds, "test")
+
+
+def test_remote_shards_are_spooled_not_held(tmp_path):
+    """A remote dataset's images are written to a spool file as its shards stream past: loading it
+    holds about one sample in memory, not the set; the spool goes with the EvalData."""
+    import gc
+    import io
+    import os
+    import tracemalloc
+
+    from tests.conftest import write_tar
+    from vlp.eval import benchmark_wds
+    from vlp.eval.tar_index import TarSlice
+
+    folder = tmp_path / "wds_big"
+    (folder / "test").mkdir(parents=True)
+    g = np.random.default_rng(3)
+    images = []
+    for _ in range(24):
+        buf = io.BytesIO()
+        Image.fromarray(g.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(buf, format="png")
+        images.append(buf.getvalue())
+    for shard in range(2):
+        samples = [
+            {"__key__": f"s{i:07d}", "png": images[i], "cls": str(i % 4).encode()}
+            for i in range(12 * shard, 12 * shard + 12)
+        ]
+        write_tar(folder / "test" / f"{shard}.tar", samples)
+    (folder / "test" / "nshards.txt").write_text("2\n")
+    (folder / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
+    (folder / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
+
+    import webdataset.gopen  # noqa: F401
+
+    import vlp.data.stream  # noqa: F401 - imported before measuring: modules are no data
+
+    ds = benchmark_wds.locate("wds/big", f"pipe:cat {tmp_path}/wds_{{dataset}}")
+    tracemalloc.start()
+    data = benchmark_wds.load(ds, "zeroshot_classification")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    total = sum(len(b) for b in images)
+    assert all(isinstance(x, TarSlice) for x in data.images) and data.images[5].read() == images[5]
+    assert data.labels == [i % 4 for i in range(24)]
+    assert peak < 5 * max(len(b) for b in images) < total / 4, (peak, total)  # 24 images of ~200 kB
+    spool = data.spool.folder
+    assert os.path.isdir(spool)
+    del data
+    gc.collect()
+    assert not os.path.exists(spool)

@@ -6,29 +6,50 @@ CLIP_benchmark's keys: ``{dataset}`` is NAME, ``{dataset_cleaned}`` NAME with ``
     ROOT/
         {split}/nshards.txt            the number n of shards (required)
         {split}/0.tar ... {n-1}.tar    samples: an image (webp, png, jpg, jpeg) and
-                                       cls (class index) | npy (multilabel) | txt (captions, one a line)
+                                       cls (class index) | npy (multilabel: a 0/1 vector of C) |
+                                       txt (captions, one a line); DataComp's sets add npy metadata
         dataset_type.txt               classification (default) | retrieval | multilabel
-        classnames.txt                 one class name a line (classification)
-        zeroshot_classification_templates.txt   one template with {c} a line (classification)
+        classnames.txt                 one class name a line (classification, multilabel)
+        zeroshot_classification_templates.txt   one template with {c} a line (classification, multilabel)
 
 That is what ``clip_benchmark.webdataset_builder`` writes and the ``clip-benchmark/wds_*`` datasets
 on the Hugging Face hub hold. A retrieval sample's ``txt`` holds all of its image's captions, one a
 line: each line is a caption (reading it as one caption, as a plain shard's ``txt`` is read, would
-give wrong recalls). The task follows from ``dataset_type.txt`` unless one is named.
+give wrong recalls). The task follows from ``dataset_type.txt`` unless one is named; a multilabel set
+is zeroshot_classification scored by mean average precision, as CLIP_benchmark scores it. A set that
+DataComp scores with its own metrics (:mod:`vlp.eval.datacomp_metrics`, by name) has each sample's
+``npy`` metadata row read too.
+
+``ROOT`` is a folder, an http(s) URL, a hub repository (``hf://datasets/ORG/REPO``) or a command
+(``pipe:CMD PREFIX``): as CLIP_benchmark joins paths to its root, a file's path is appended to it,
+so ``pipe:CMD PREFIX`` reads ``PREFIX/test/0.tar`` from the output of ``CMD PREFIX/test/0.tar``
+(shards as webdataset's ``pipe:`` urls, the metadata files the same way). Remote shards are streamed
+and their images spooled to local disk (:class:`vlp.eval.tar_index.Spool`), never held in memory.
 
 Legend: N images.
 """
 
 from __future__ import annotations
 
+import io
+import subprocess
 import urllib.request
 from dataclasses import dataclass
 
+import numpy as np
+
+from vlp.eval.datacomp_metrics import EVALUATORS, evaluator_name
 from vlp.eval.datasets import EvalData, EvalDataError, collect, load_templates
 
 PREFIX = "wds/"
-TASK_OF_TYPE = {"classification": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
+TASK_OF_TYPE = {
+    "classification": "zeroshot_classification",
+    "multilabel": "zeroshot_classification",
+    "retrieval": "zeroshot_retrieval",
+}
 HF_DATASETS = "https://huggingface.co/datasets/"
+PIPE = "pipe:"
+PIPE_TIMEOUT_S = 600
 
 
 class DatasetMissing(EvalDataError):
@@ -76,7 +97,9 @@ def locate(name: str, root: str) -> BenchmarkDataset:
 
 
 def _read(location: str, required: bool = True) -> str | None:
-    """A metadata file's text (local or http(s)); None when optional and absent."""
+    """A metadata file's text (local, http(s) or ``pipe:`` command output); None when optional and absent."""
+    if location.startswith(PIPE):
+        return _read_pipe(location, required)
     try:
         if "://" in location:
             with urllib.request.urlopen(location, timeout=60) as response:  # noqa: S310 - the user's own URL
@@ -92,6 +115,23 @@ def _read(location: str, required: bool = True) -> str | None:
             return None
         kind = DatasetMissing if getattr(e, "code", None) == 404 else EvalDataError
         raise kind(f"{location}: cannot read ({e})") from None
+    except UnicodeDecodeError as e:
+        raise EvalDataError(f"{location}: not UTF-8 text ({e})") from None
+
+
+def _read_pipe(location: str, required: bool) -> str | None:
+    """The output of the command ``location`` names; a command that fails is a file that is not there."""
+    try:
+        done = subprocess.run(location[len(PIPE) :], shell=True, capture_output=True, timeout=PIPE_TIMEOUT_S)  # noqa: S602 - the user's own command
+    except subprocess.TimeoutExpired:
+        raise EvalDataError(f"{location}: no answer in {PIPE_TIMEOUT_S} s") from None
+    if done.returncode != 0:
+        if not required:
+            return None
+        why = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+        raise DatasetMissing(f"{location}: the command failed (exit {done.returncode}) {why[0][:200]}".rstrip())
+    try:
+        return done.stdout.decode("utf-8")
     except UnicodeDecodeError as e:
         raise EvalDataError(f"{location}: not UTF-8 text ({e})") from None
 
@@ -119,25 +159,20 @@ def shard_urls(ds: BenchmarkDataset, split: str) -> list[str]:
 
 
 def default_task(ds: BenchmarkDataset) -> str:
-    kind = dataset_type(ds)
-    if kind == "multilabel":
-        raise EvalDataError(
-            f"{ds.name}: a multilabel dataset (its dataset_type.txt); vlp scores single-label classification "
-            "and retrieval so far"
-        )
-    return TASK_OF_TYPE[kind]
+    return TASK_OF_TYPE[dataset_type(ds)]
 
 
 def load(ds: BenchmarkDataset, task: str, split: str = "test", classnames=None, templates=None) -> EvalData:
     """The dataset's ``split`` as the EvalData of ``task`` (zeroshot_classification or
-    zeroshot_retrieval); ``classnames`` / ``templates`` override the dataset's files."""
+    zeroshot_retrieval); ``classnames`` / ``templates`` override the dataset's files. A multilabel
+    set gets ``multilabels``; a set DataComp scores with its own metrics, ``group_metadata``."""
     from vlp.data.decode import SkipCounter
-    from vlp.eval.datasets import _shard_rows, load_classnames
+    from vlp.eval.datasets import _shard_rows, load_classnames, spool_for
 
     urls = shard_urls(ds, split)
-    skips = SkipCounter()
+    skips, spool = SkipCounter(), spool_for(urls)
     if task == "zeroshot_retrieval":
-        return collect(ds.name, ds.name, _shard_rows(urls, skips, _all_captions), skips)
+        return collect(ds.name, ds.name, _shard_rows(urls, skips, _all_captions, spool), skips, spool=spool)
     if task != "zeroshot_classification":
         raise EvalDataError(
             f"{ds.name}: task {task} on a CLIP_benchmark dataset (zeroshot_classification, zeroshot_retrieval)"
@@ -149,17 +184,63 @@ def load(ds: BenchmarkDataset, task: str, split: str = "test", classnames=None, 
     else:
         text = _read(f"{ds.metadata}/zeroshot_classification_templates.txt")
         templates = load_templates([line.strip() for line in text.splitlines()])
+    extra = {}
+    if dataset_type(ds) == "multilabel":
+        convert = _multilabel(len(names))
+    else:
+        group = evaluator_name(ds.name)
+        convert = _single_label(len(names), group and EVALUATORS[group].needs_metadata)
+        extra = {"group_metrics": group}
+    rows = _shard_rows(urls, skips, convert, spool)
+    return collect(ds.name, ds.name, rows, skips, classnames=names, templates=templates, spool=spool, **extra)
+
+
+def _npy(raw: dict) -> np.ndarray | None:
+    """The sample's ``npy`` member as a 1-D array (None when absent or not a plain npy array)."""
+    data = raw.get("npy")
+    if not isinstance(data, (bytes, bytearray)):
+        return None
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False).reshape(-1)
+    except (ValueError, OSError, EOFError):
+        return None
+
+
+def _single_label(num_classes: int, with_metadata: bool):
+    """A sample's record: its ``cls`` label, and its metadata row when its DataComp metrics need one
+    (None when absent: those metrics are then left out, the accuracies are not)."""
 
     def label(raw: dict, meta: dict, where: str) -> dict | str:
         try:
             value = int(raw["cls"])
         except (KeyError, ValueError):
             return "missing_label"
-        if not 0 <= value < len(names):
-            raise EvalDataError(f"{where}: label {value} outside the {len(names)} class names")
-        return {"labels": value}
+        if not 0 <= value < num_classes:
+            raise EvalDataError(f"{where}: label {value} outside the {num_classes} class names")
+        if not with_metadata:
+            return {"labels": value}
+        row = _npy(raw)
+        if row is not None and (row.size == 0 or not np.all(np.isfinite(row)) or np.any(row != np.round(row))):
+            raise EvalDataError(f"{where}: npy metadata {row.tolist()[:12]} is not a row of integers")
+        return {"labels": value, "group_metadata": None if row is None else row.astype(np.int64)}
 
-    return collect(ds.name, ds.name, _shard_rows(urls, skips, label), skips, classnames=names, templates=templates)
+    return label
+
+
+def _multilabel(num_classes: int):
+    """A sample's record: its ``npy`` 0/1 vector of the C classes (CLIP_benchmark's multilabel label)."""
+
+    def label(raw: dict, meta: dict, where: str) -> dict | str:
+        if "npy" not in raw:
+            return "missing_label"
+        vector = _npy(raw)
+        if vector is None:
+            return "bad_label"
+        if vector.size != num_classes:
+            raise EvalDataError(f"{where}: multilabel vector of {vector.size} for {num_classes} class names")
+        return {"multilabels": vector.astype(np.float32)}
+
+    return label
 
 
 def _all_captions(raw: dict, meta: dict, where: str) -> dict | str:

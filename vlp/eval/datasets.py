@@ -1,10 +1,11 @@
 """Evaluation data layouts shared by the tasks (ImageFolder, JSONL, WebDataset) -> :class:`EvalData`,
 and the row helpers the tasks' own loaders (in :mod:`vlp.eval.tasks`) build on.
 
-``EvalData.images`` holds absolute path strings, for local WebDataset shards where each image's
-bytes are (:class:`vlp.eval.tar_index.TarSlice`: read when the image is encoded, so an eval set
-held for a whole training run costs its labels and captions only), and for remote shards the raw
-encoded bytes; :class:`ImageList` decodes each lazily. Fatal problems raise :class:`EvalDataError`
+``EvalData.images`` holds absolute path strings, or for WebDataset shards where each image's bytes
+are (:class:`vlp.eval.tar_index.TarSlice`: read when the image is encoded, so an eval set held for
+a whole training run costs its labels and captions only): in a local shard itself, in a spool file
+for a remote one (streamed once, its images written to local disk as they pass); :class:`ImageList`
+decodes each lazily. Fatal problems raise :class:`EvalDataError`
 naming the file (and line); bad rows and missing images are skipped and counted by kind in
 ``EvalData.skipped``.
 """
@@ -24,7 +25,7 @@ from vlp.data.decode import SkipCounter, decode_caption, decode_image
 from vlp.data.images import ImagePolicy
 from vlp.data.shardlists import DataConfigError, expand_urls
 from vlp.data.textfiles import read_text, text_lines
-from vlp.eval.tar_index import TarSlice, indexed_samples, is_local
+from vlp.eval.tar_index import Spool, TarSlice, indexed_samples, is_local
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")  # shard members tried, in order, for the image
 IMAGE_EXTENSIONS = tuple(f".{k}" for k in IMAGE_KEYS)
@@ -45,6 +46,9 @@ class EvalData:
 
     images: list
     labels: list[int] | None = None  # zeroshot_classification: class index per image
+    multilabels: list | None = None  # zeroshot_classification of a multilabel set: a C-vector per image (0/1)
+    group_metadata: list | None = None  # DataComp's per-image metadata row (vlp.eval.datacomp_metrics)
+    group_metrics: str = ""  # the DataComp evaluator group_metadata is for ('' = none)
     classnames: list[str] | None = None  # zeroshot_classification
     templates: list | None = None  # zeroshot_classification: --templates, else found beside the data, else None
     captions: list[str] | None = None  # retrieval, captioning: all captions flattened; counting: one per image
@@ -56,6 +60,7 @@ class EvalData:
     split: list[str] | None = None  # linear_probe: "train" or "test" per image
     skipped: dict[str, int] = field(default_factory=dict)
     name: str = ""  # dataset name for the JSON output (folder or file stem)
+    spool: object = None  # vlp.eval.tar_index.Spool holding remote shards' images: kept while images are read
 
 
 class ImageList(Dataset):
@@ -200,13 +205,26 @@ def _shard_urls(path: PathSpec) -> list[str] | None:
         raise EvalDataError(str(e)) from None
 
 
-def _shard_rows(urls: list[str], skips: SkipCounter, convert: Callable[[dict, dict, str], dict | str]) -> Iterator[Row]:
-    """One row per shard sample; ``convert(raw sample, json metadata, where)`` makes its record."""
+def spool_for(urls: list[str]) -> Spool | None:
+    """A Spool for the remote shards among ``urls`` (None when all are local files)."""
+    return None if all(is_local(url) for url in urls) else Spool()
+
+
+def _shard_rows(
+    urls: list[str], skips: SkipCounter, convert: Callable[[dict, dict, str], dict | str], spool: Spool | None = None
+) -> Iterator[Row]:
+    """One row per shard sample; ``convert(raw sample, json metadata, where)`` makes its record.
+    Images are TarSlices: of a local shard, or of ``spool`` for a remote one (streamed, never held)."""
     # the training stream's reader: the same truncated/unreadable-shard detection and counting
     from vlp.data.stream import _shard_samples
 
     for url in urls:
-        samples = _indexed(url, skips) if is_local(url) else _shard_samples(url, skips)
+        if is_local(url):
+            samples = _indexed(url, skips)
+        elif spool is None:
+            raise ValueError(f"{url}: a remote shard is read through a Spool (spool_for(urls))")
+        else:
+            samples = spool.samples(_shard_samples(url, skips), IMAGE_KEYS)
         for raw in samples:
             where = f"{url}#{raw.get('__key__', '?')}"
             try:
@@ -255,9 +273,9 @@ def _classification_shards(path: PathSpec, urls: list[str], classnames, template
         return {"labels": value}
 
     templates = load_templates(templates) if templates else None
-    skips = SkipCounter()
-    rows = _shard_rows(urls, skips, label)
-    return collect(path, Path(urls[0]).parent.name, rows, skips, classnames=names, templates=templates)
+    skips, spool = SkipCounter(), spool_for(urls)
+    rows = _shard_rows(urls, skips, label, spool)
+    return collect(path, Path(urls[0]).parent.name, rows, skips, classnames=names, templates=templates, spool=spool)
 
 
 def _classification_folder(root: Path, classnames, templates) -> EvalData:
@@ -354,8 +372,9 @@ def load_retrieval(path: PathSpec) -> EvalData:
     type, no usable row.
     """
     if (urls := _shard_urls(path)) is not None:
-        skips = SkipCounter()
-        return collect(path, Path(urls[0]).parent.name, _shard_rows(urls, skips, _shard_captions), skips)
+        skips, spool = SkipCounter(), spool_for(urls)
+        rows = _shard_rows(urls, skips, _shard_captions, spool)
+        return collect(path, Path(urls[0]).parent.name, rows, skips, spool=spool)
     path = Path(path)
     rows = (
         (

@@ -4,15 +4,20 @@ costs memory for its labels and captions only, however many images it has, durin
 for the whole of a training run that evaluates on it.
 
 Only the small members (``cls``, ``txt``, ``json``, ...) are read while indexing; the image
-members are skipped by seeking. Remote shards (``http(s)://``, ``pipe:``) cannot be sought and are
-read as before (their image bytes held).
+members are skipped by seeking. Remote shards (``http(s)://``, ``pipe:``) cannot be sought: they are
+streamed once, a sample at a time, and their image members written to a :class:`Spool` (local files
+in a temporary folder, removed with it) as they pass, so memory holds one sample however large the
+set; the disk holds the set's images while it is in use.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tarfile
-from collections.abc import Iterator
+import tempfile
+import weakref
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 
@@ -66,3 +71,35 @@ def indexed_samples(path: str, image_keys: tuple[str, ...], max_small: int = 1 <
                 sample[ext] = f.read() if f is not None else b""
     if sample:
         yield sample
+
+
+def _remove_folder(folder: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:  # never from a forked DataLoader worker's copy
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class Spool:
+    """A temporary folder that remote shards' images are written to as they stream past
+    (:meth:`samples`); the folder goes when the Spool is garbage collected or the process exits.
+    Hold the Spool as long as its TarSlices are read (``EvalData.spool``). The folder is made under
+    ``tempfile.gettempdir()`` (``TMPDIR``)."""
+
+    def __init__(self):
+        self.folder = tempfile.mkdtemp(prefix="vlp-eval-spool-")
+        self.files = 0
+        weakref.finalize(self, _remove_folder, self.folder, os.getpid())
+
+    def samples(self, samples: Iterable[dict], image_keys: tuple[str, ...]) -> Iterator[dict]:
+        """``samples`` (one shard's, as the shard reader yields them) with each image member written
+        to a spool file and replaced by its :class:`TarSlice`; written and flushed before it is yielded."""
+        path = os.path.join(self.folder, f"{self.files}.bin")
+        self.files += 1
+        with open(path, "wb") as f:
+            for sample in samples:
+                for key in image_keys:
+                    data = sample.get(key)
+                    if isinstance(data, (bytes, bytearray)):
+                        sample[key] = TarSlice(path, f.tell(), len(data))
+                        f.write(data)
+                f.flush()
+                yield sample

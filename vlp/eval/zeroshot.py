@@ -9,6 +9,8 @@ Definitions follow LAION's CLIP_benchmark 1.6.x (``clip_benchmark/metrics/zerosh
   5 classes instead of calling ``topk`` with k > C (which would raise); here any k > C gives nan.
 * ``mean_per_class_recall``: sklearn's ``balanced_accuracy_score(labels, argmax(logits))``, i.e.
   the recall of the top-1 prediction per class, averaged over the classes present in ``labels``.
+* multilabel sets (a 0/1 vector of C per image): ``mean_average_precision``, the mean over all C
+  classes of their ``average_precision_per_class`` (a class without positives counts as 0).
 
 Tie rule. ``torch.topk`` documents no order among equal values, and in practice returns an
 arbitrary subset of tied indices (the CPU kernel uses a non-stable partial sort / nth_element), so
@@ -234,3 +236,43 @@ def zeroshot_classify(
     num_classes = classifier_DC.shape[1]
     metrics.update(num_samples=int(logits_NC.shape[0]), num_classes=int(num_classes), chance=1.0 / num_classes)
     return metrics
+
+
+@torch.no_grad()
+def average_precision_per_class(scores_NC: Tensor, targets_NC: Tensor) -> Tensor:
+    """Per class c: rank the N samples by ``scores_NC[:, c]`` (descending; ties: lower index first),
+    then AP_c = sum over the ranks k of its positives of precision@k, divided by max(#positives, 1),
+    CLIP_benchmark's definition (``average_precision_per_class``, from torchnet's meter). Targets are
+    0/1 (a nonzero entry is a positive; precision counts the targets' values).
+
+    Returns:
+        float64 Tensor[C].
+    Raises:
+        ValueError: shapes differ or are not [N, C], no samples, NaN scores.
+    """
+    if scores_NC.ndim != 2 or scores_NC.shape != targets_NC.shape:
+        shapes = f"{tuple(scores_NC.shape)} and {tuple(targets_NC.shape)}"
+        raise ValueError(f"expected scores and targets [N, C], got {shapes}")
+    if scores_NC.shape[0] == 0:
+        raise ValueError("no samples: scores and targets are empty")
+    if torch.isnan(scores_NC).any():
+        raise ValueError("scores contain NaN")
+    order_NC = torch.sort(scores_NC, dim=0, descending=True, stable=True).indices
+    truth_NC = targets_NC.to(scores_NC.device).double().gather(0, order_NC)
+    rank_N1 = torch.arange(1, truth_NC.shape[0] + 1, device=truth_NC.device, dtype=torch.float64).unsqueeze(1)
+    precision_NC = truth_NC.cumsum(dim=0) / rank_N1
+    hits_C = (precision_NC * (truth_NC != 0)).sum(dim=0)
+    return (hits_C / truth_NC.sum(dim=0).clamp_min(1.0)).cpu()
+
+
+@torch.no_grad()
+def multilabel_classify(image_features_ND: Tensor, classifier_DC: Tensor, targets_NC: Tensor) -> dict:
+    """CLIP_benchmark's multilabel zero-shot score: logits ``100 * normalize(img) @ W`` (normalised:
+    AP ranks samples against each other, so a feature's length would count), then
+    ``mean_average_precision`` (:func:`average_precision_per_class` averaged over the C classes),
+    with ``num_samples`` and ``num_classes``."""
+    feats_ND = F.normalize(image_features_ND.float(), dim=-1)
+    logits_NC = 100.0 * (feats_ND @ classifier_DC.to(feats_ND.device, feats_ND.dtype))
+    ap_C = average_precision_per_class(logits_NC, targets_NC)
+    return {"mean_average_precision": ap_C.mean().item(), "num_samples": int(logits_NC.shape[0]),
+            "num_classes": int(logits_NC.shape[1])}  # fmt: skip
