@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -114,6 +116,40 @@ def _parse_set(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(value: Any) -> Any:
+    """``${NAME}`` in a config file's strings replaced by the environment variable NAME (shard paths,
+    dataset roots: ``data.train_shards: ["${LAION400M_SHARDS}"]``). An unset variable stays as written,
+    so ``vlp train --dry-run`` can name it; a run stops on it (see ``unexpanded``)."""
+    if isinstance(value, str):
+        return _VAR.sub(lambda m: os.environ.get(m.group(1), m.group(0)), value)
+    if isinstance(value, list):
+        return [expand_env(v) for v in value]
+    if isinstance(value, dict):
+        return {k: expand_env(v) for k, v in value.items()}
+    return value
+
+
+def unexpanded(cfg: Config) -> list[tuple[str, str]]:
+    """``(key, NAME)`` for every ``${NAME}`` left in ``cfg``'s strings (unset when it was loaded)."""
+    found = []
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, str):
+            found.extend((key, m.group(1)) for m in _VAR.finditer(value))
+        elif isinstance(value, list):
+            for v in value:
+                walk(v, key)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else k)
+
+    walk(cfg.to_dict(), "")
+    return found
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Build a Config from an optional YAML file and ``a.b=c`` overrides.
 
@@ -141,6 +177,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             raise ConfigError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections (model, data, train, ...)")
+        data = expand_env(data)
         where = str(p)
     cfg = _build(Config, data, "", where)
     for item in overrides:
