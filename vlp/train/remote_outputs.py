@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import re
+import threading
 from pathlib import Path
 
 from vlp.checkpoint.storage import (
@@ -78,6 +79,7 @@ class RemoteRun:
         self.store = Store(self.url)
         self._sent: dict[str, tuple[int, int]] = {}  # other files: (size, mtime) last uploaded
         self.pending: str = ""  # the last sync's failure, "" when the storage has everything
+        self._thread: threading.Thread | None = None  # the upload of the last file checkpoint
 
     @classmethod
     def of(cls, train_cfg, env) -> RemoteRun | None:
@@ -156,20 +158,31 @@ class RemoteRun:
             self._sent[rel] = self._stamp(local)
 
     # ---- while training ------------------------------------------------------------------
+    def before_save(self) -> None:
+        """Wait for the previous checkpoint's upload: the save about to happen may delete (retention)
+        a file that upload is still sending."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
     def after_save(self, path: Path) -> None:
         """After checkpoint ``path`` was written on every rank: mirror it (see the module docstring).
-        A failure is logged and kept pending; training goes on."""
+        A file checkpoint (plain, DDP) is uploaded by a background thread while training goes on; a
+        step folder, every node taking part, before this returns. A failure is logged and kept
+        pending; training goes on."""
+        if not path.is_dir():
+            if self.env.is_main:
+                self.before_save()
+                self._thread = threading.Thread(target=self._sync_in_background, name="vlp-upload", daemon=True)
+                self._thread.start()
+            return
         ok, why = True, ""
-        if path.is_dir() and self.env.local_rank == 0 and not self.env.is_main:
+        if self.env.local_rank == 0 and not self.env.is_main:
             try:  # this node's ranks' files; the main node uploads the marker once every node is done
                 self._put_folder(path, with_marker=False)
             except StorageError as e:
                 ok, why = False, str(e)
-        if path.is_dir():
-            gathered = all_gather_objects((ok, why), self.env)
-            failed = [w for good, w in gathered if not good]
-        else:
-            failed = []
+        failed = [w for good, w in all_gather_objects((ok, why), self.env) if not good]
         if self.env.is_main:
             if failed:
                 self.pending = failed[0]
@@ -177,6 +190,13 @@ class RemoteRun:
             else:
                 self.sync(quiet=False)
         barrier(self.env)
+
+    def _sync_in_background(self) -> None:
+        try:
+            self.sync(quiet=False)
+        except Exception as e:  # noqa: BLE001 - the thread must not die silently; the next sync retries
+            self.pending = f"{type(e).__name__}: {e}"
+            log.error("upload to %s failed: %s", self.url, self.pending)
 
     def sync(self, quiet: bool = True) -> bool:
         """Upload everything the storage lacks (main rank); False (logged) when some of it failed."""
@@ -243,6 +263,7 @@ class RemoteRun:
     def finish(self) -> None:
         """The last sync (main rank): raises StorageError (one line, naming the local copy) if the
         storage still lacks part of the run after the retries."""
+        self.before_save()  # the last checkpoint's upload, still running in the background
         if self.env.is_main and not self.sync(quiet=True):
             raise StorageError(
                 f"the run's outputs could not all be uploaded to {self.url} ({self.pending}); they are kept in "
