@@ -1,5 +1,9 @@
 """Shard lists: brace/glob expansion, epoch sizes, and which reader reads which shard.
 
+Patterns are brace-expanded; local ones with ``*``, ``?`` or ``[`` are globbed and must exist, and
+so are object-storage urls (fsspec: ``s3://bucket/train-*.tar``), listed with their filesystem's glob.
+Other urls (``http(s)://``, ``pipe:``) pass unchecked. How each kind is read: :mod:`vlp.data.shard_io`.
+
 A *reader* is one (rank, worker) pair; there are ``world * workers`` readers. Without
 resampling every epoch permutes the shard list with the same seed on every rank and reader
 ``r`` takes shards ``r, r + R, r + 2R, ...`` so each shard is read exactly once per epoch.
@@ -14,6 +18,8 @@ import random
 from pathlib import Path
 
 from braceexpand import braceexpand
+
+from vlp.data.shard_io import fsspec_check, scheme
 
 
 class DataConfigError(ValueError):
@@ -31,6 +37,9 @@ def expand_urls(patterns: list[str] | str, key: str = "data.train_shards") -> li
     urls: list[str] = []
     for pattern in patterns:
         for url in braceexpand(pattern):
+            if scheme(url) == "fsspec":
+                urls.extend(_fsspec_urls(url, pattern, key))
+                continue
             if _is_remote(url):
                 urls.append(url)
                 continue
@@ -47,17 +56,50 @@ def expand_urls(patterns: list[str] | str, key: str = "data.train_shards") -> li
     return urls
 
 
+def _fsspec_urls(url: str, pattern: str, key: str) -> list[str]:
+    """``url`` itself, or the objects its glob matches; the scheme's package must be installed."""
+    try:
+        fsspec_check(url)
+    except (ImportError, ValueError) as e:
+        raise DataConfigError(f"{key}: cannot read '{pattern}': {e}") from None
+    if not any(c in url.split("://", 1)[1] for c in "*?["):
+        return [url]
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(url)
+    protocol = url.split("://", 1)[0]
+    matches = [f"{protocol}://{m}" for m in sorted(fs.glob(path))]
+    if not matches:
+        raise DataConfigError(f"{key}: no shard matches {url} (from pattern '{pattern}')")
+    return matches
+
+
+def _sizes_beside(url: str) -> dict:
+    """The ``sizes.json`` in the folder of ``url`` (local or fsspec), or {}."""
+    if scheme(url) == "fsspec":
+        from fsspec.core import url_to_fs
+
+        folder = url.rsplit("/", 1)[0]
+        try:
+            fs, path = url_to_fs(f"{folder}/sizes.json")
+            return json.loads(fs.cat_file(path))
+        except Exception:  # noqa: BLE001 - no readable sizes.json: the epoch length is unknown, not an error
+            return {}
+    f = Path(url).parent / "sizes.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
 def read_sizes(urls: list[str]) -> int | None:
-    """Total samples of ``urls`` from the ``sizes.json`` beside them; None if any is unknown."""
+    """Total samples of ``urls`` from the ``sizes.json`` beside them (local or object storage);
+    None if any is unknown."""
     total, cache = 0, {}
     for url in urls:
-        if _is_remote(url):
+        if _is_remote(url) and scheme(url) != "fsspec":
             return None
-        folder = Path(url).parent
+        folder, name = url.rsplit("/", 1) if "/" in url else (".", url)
         if folder not in cache:
-            f = folder / "sizes.json"
-            cache[folder] = json.loads(f.read_text()) if f.is_file() else {}
-        n = cache[folder].get(Path(url).name)
+            cache[folder] = _sizes_beside(url)
+        n = cache[folder].get(name)
         if n is None:
             return None
         total += int(n)

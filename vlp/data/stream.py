@@ -3,24 +3,29 @@
 Determinism and exact resume: every random choice (shard order, shuffle buffer, source mixing,
 augmentation) is seeded from (seed, reader, epoch, position), never from process state. Each
 batch carries the position of its reader after it was made (``_state``); the training process
-keeps the position of the last batch it *consumed* from each reader, and a resumed run replays
-every reader to that position (reading tar bytes, no decoding) and rotates the reader slots so
-the DataLoader's round-robin continues with the same reader. A resumed run therefore sees
-exactly the batches an uninterrupted run would have seen.
+keeps the position of the last batch it *consumed* from each reader, and a resumed run rotates the
+reader slots so the DataLoader's round-robin continues with the same reader. A resumed run
+therefore sees exactly the batches an uninterrupted run would have seen.
+
+A reader's position (``_state``): per source ``sources`` ``(epoch, consumed)`` and ``seek``, the
+epoch stream's position (:mod:`vlp.data.epoch_stream`: the shard and byte offset it reads next, the
+byte spans of the samples in its shuffle buffer, the shuffle generator's state); ``draws`` of the
+source mixer; ``batches`` made. A resumed reader seeks: it reads the buffered samples again by
+range reads and goes on from the offset, so resuming costs the same early or late in an epoch. Where
+``seek`` is None (a position saved by an older vlp, ``pipe:`` and gzip shards, see
+:mod:`vlp.data.shard_io`) it replays the epoch from its start instead, reading tar bytes without
+decoding.
 
 With ``unique_captions`` a sample whose caption is already in the batch waits for a later batch;
-``_state`` then also lists where each waiting sample was read ((source, epoch, position in that
-reader's epoch stream)), and a resumed run re-reads exactly those samples from the shards.
+``_state`` then also lists where each waiting sample was read (``pending``: (source, epoch, position
+in that reader's epoch stream); ``pending_at``: its byte span), and a resumed run reads exactly those
+samples again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
 import logging
-import os
-import random
 import signal
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -30,8 +35,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from vlp.data.decode import DecodeOptions, SkipCounter, caption_variant, decode_sample
-from vlp.data.extra_captions import PAIR_GROUP_LIMIT, ExtraCaptionSpec, extra_caption_tensors, pair_id
-from vlp.data.shardlists import reader_shards
+from vlp.data.epoch_stream import pair_units  # noqa: F401 - pair_units: used from here
+from vlp.data.extra_captions import ExtraCaptionSpec, extra_caption_tensors
+from vlp.data.readers import Mixer, SourceReader, read_again
+from vlp.data.shard_io import shard_samples
 from vlp.data.truncation import count_truncated
 from vlp.data.unique_captions import UniqueBatcher, caption_norm  # noqa: F401 - caption_norm: used from here
 from vlp.data.usable import DataStopError, NoUsableDataError, UsableGuard
@@ -59,189 +66,10 @@ class StreamSpec:
     max_unusable: int = 10_000  # unusable samples in a row before a reader's first usable one: stop (vlp.data.usable)
 
 
-def _truncated(url: str) -> bool:
-    """A complete tar ends in zero blocks and has a size that is a multiple of 512 bytes.
-
-    Python's tarfile treats a file cut at a header boundary as a shorter valid archive, so a
-    truncated local shard is detected here; for remote urls only read errors are seen. A gzip
-    file (``.tar.gz``, ``.tgz``, recognised by its magic bytes) is not checked here: its own
-    trailer (length and CRC) makes a cut stream fail while it is read, and the tar reader counts that.
-    """
-    if "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
-        return False
-    size = os.path.getsize(url)
-    with open(url, "rb") as f:
-        if f.read(2) == b"\x1f\x8b":
-            return False
-        if size < 1024 or size % 512:
-            return True
-        f.seek(size - 1024)
-        return f.read(1024).count(0) != 1024
-
-
 def _shard_samples(url: str, skips: SkipCounter) -> Iterator[dict]:
-    """Samples of one tar shard. Damage is counted once per damaged region (``shard_error``) and
-    reading resumes at the next intact member (:mod:`vlp.data.tar_reader`), so only the damaged
-    samples are lost; a shard that cannot be opened is counted once."""
-    from webdataset.gopen import gopen
-
-    from vlp.data.tar_reader import tar_samples
-
-    truncated = _truncated(url)
-    if truncated:
-        skips.add("shard_error", url, "truncated: no end-of-archive marker")
-
-    def on_damage(offset: int, why: str) -> None:
-        if not (truncated and why.startswith("truncated")):
-            skips.add("shard_error", url, f"{why} (byte {offset})" if offset >= 0 else why)
-
-    try:
-        stream = gopen(url)
-    except Exception as exn:  # noqa: BLE001 - any failure of a shard is data, not a bug
-        skips.add("shard_error", url, repr(exn))
-        return
-    finished = False
-    try:
-        yield from tar_samples(stream, url, on_damage)
-        finished = True
-    except OSError as exn:  # a read error of the file or pipe
-        skips.add("shard_error", url, repr(exn))
-    finally:
-        if finished:
-            stream.close()
-        else:
-            _abandon(stream)
-
-
-def _abandon(stream) -> None:
-    """Close a shard left before its end (a stop signal, an error, a closed loader) without waiting:
-    a ``pipe:`` command still running (a download, a stalled read) is killed, not awaited (webdataset's
-    close would wait for it, for hours if it hangs)."""
-    proc = getattr(stream, "proc", None)
-    if proc is not None and proc.poll() is None:
-        proc.kill()
-    with contextlib.suppress(Exception):  # the killed command's exit status, or a stream already broken
-        stream.close()
-
-
-def pair_units(raw: Iterator[dict]) -> Iterator[list[dict]]:
-    """Raw samples as shuffle units: consecutive samples with the same minimal-pair id (their JSON's
-    ``pair``, :func:`vlp.data.extra_captions.pair_id`), at most PAIR_GROUP_LIMIT, make one unit, so
-    a shuffle buffer moves a pair or group as a whole and its members stay side by side; any other
-    sample is a unit of its own (one more with the same id starts a new unit). Metadata that is not
-    JSON gives no id here (decoding counts it later).
-
-    Each sample gets ``_unit``: the serial of its unit in this stream (0, 1, ...), or -1 for a sample
-    with no id. The batch's ``pair_id`` is made from it (:func:`vlp.data.extra_captions.source_pair_id`),
-    so a JSON id used again elsewhere in the data (numbering restarted in every shard) never joins
-    unrelated samples."""
-    unit, unit_id, serial = [], -1, 0
-
-    def stamped(unit: list[dict], unit_id: int, serial: int) -> list[dict]:
-        for s in unit:
-            s["_unit"] = serial if unit_id >= 0 else -1
-        return unit
-
-    for sample in raw:
-        try:
-            meta = json.loads(sample["json"]) if "json" in sample else None
-        except ValueError:
-            meta = None
-        sid = pair_id({"json": meta})
-        if unit and (sid < 0 or sid != unit_id or len(unit) == PAIR_GROUP_LIMIT):
-            yield stamped(unit, unit_id, serial)
-            unit, serial = [], serial + 1
-        unit.append(sample)
-        unit_id = sid
-    if unit:
-        yield stamped(unit, unit_id, serial)
-
-
-class _SourceReader:
-    """Raw samples of one source for one reader, epoch after epoch, from a replayable position.
-
-    ``guard`` (:class:`vlp.data.usable.UsableGuard`, training streams) hears of shards that give no
-    sample and of finished epochs, as source ``source``."""
-
-    def __init__(self, urls, spec: StreamSpec, reader: int, readers: int, skips, epoch=0, consumed=0, guard=None,
-                 source=0):  # fmt: skip
-        self.urls, self.spec, self.reader, self.readers, self.skips = urls, spec, reader, readers, skips
-        self.epoch, self.consumed = epoch, consumed
-        self.guard, self.source = guard, source
-        self._shards: list[str] = []
-
-    def _read(self, url: str) -> Iterator[dict]:
-        n = 0
-        for n, sample in enumerate(_shard_samples(url, self.skips), 1):  # noqa: B007 - n counts after the loop
-            yield sample
-        if n == 0 and self.guard is not None:
-            self.guard.empty_shard(url)
-
-    def _epoch_samples(self, epoch: int) -> Iterator[dict]:
-        spec = self.spec
-        shards = reader_shards(
-            self.urls,
-            epoch=epoch,
-            reader=self.reader,
-            readers=self.readers,
-            seed=spec.seed,
-            resampled=spec.resampled,
-            shuffle=spec.infinite,
-        )
-        self._shards = shards
-        raw = (s for url in shards for s in self._read(url))
-        # pairs: units of a pair or group, stamped even when not shuffled; otherwise plain samples
-        items = pair_units(raw) if spec.extras.pairs else raw
-        if spec.shuffle_buffer > 1 and spec.infinite:
-            from webdataset.filters import _shuffle
-
-            rng = random.Random(f"samples/{spec.seed}/{self.reader}/{epoch}")
-            items = _shuffle(items, bufsize=spec.shuffle_buffer, initial=spec.shuffle_buffer, rng=rng)
-        return (sample for unit in items for sample in unit) if spec.extras.pairs else items
-
-    def __iter__(self):
-        epoch, skip = self.epoch, self.consumed
-        while True:
-            for i, raw in enumerate(self._epoch_samples(epoch)):
-                if i < skip:
-                    continue  # replaying to the resume position: no decode
-                self.epoch, self.consumed = epoch, i + 1
-                yield raw
-            if not self.spec.infinite:
-                return
-            # every sample of the epoch has been taken (and decoded) before the next one is asked for
-            if self.guard is not None:
-                self.guard.epoch_done(self.source, self._shards, full=skip == 0)
-            epoch, skip = epoch + 1, 0
-            self.epoch, self.consumed = epoch, 0
-
-
-class _Mixer:
-    """Draw each sample's source by weight from a seeded generator; replayable by draw count."""
-
-    def __init__(self, sources: list[_SourceReader], weights: list[float], seed: int, reader: int, draws=0):
-        self.sources, self.weights, self.draws = sources, weights or [1.0] * len(sources), draws
-        self.rng = random.Random(f"mix/{seed}/{reader}")
-
-    def __iter__(self):
-        iters = [iter(s) for s in self.sources]
-        if len(iters) == 1:
-            for raw in iters[0]:
-                yield 0, raw
-            return
-        idx = range(len(iters))
-        for _ in range(self.draws):
-            self.rng.choices(idx, self.weights)
-        while True:
-            i = self.rng.choices(idx, self.weights)[0]
-            self.draws += 1
-            try:
-                yield i, next(iters[i])
-            except StopIteration:
-                return
-
-    def state(self) -> dict:
-        return {"sources": [(s.epoch, s.consumed) for s in self.sources], "draws": self.draws}
+    """Samples of one tar shard, damage skipped and counted (:func:`vlp.data.shard_io.shard_samples`)."""
+    for sample, _, _ in shard_samples(url, skips):
+        yield sample
 
 
 class ShardStream(IterableDataset):
@@ -265,11 +93,12 @@ class ShardStream(IterableDataset):
         state = self.start.get(slot) or {"sources": [(0, 0)] * len(self.spec.sources), "draws": 0, "batches": 0}
         skips = SkipCounter()
         guard = self._guard(reader, skips) if self.spec.infinite else None
+        seek = state.get("seek") or [None] * len(self.spec.sources)  # absent: saved before positions had offsets
         readers_ = [
-            _SourceReader(urls, self.spec, reader, readers, skips, *state["sources"][i], guard=guard, source=i)
+            SourceReader(urls, self.spec, reader, readers, skips, *state["sources"][i], guard, i, seek[i])
             for i, urls in enumerate(self.spec.sources)
         ]
-        mixer = _Mixer(readers_, self.spec.weights, self.spec.seed, reader, state["draws"])
+        mixer = Mixer(readers_, self.spec.weights, self.spec.seed, reader, state["draws"])
         try:
             yield from self._batches(state, slot, reader, readers_, mixer, skips, guard)
         except DataStopError as e:  # to the training process as data, so that it stops with this one line
@@ -287,7 +116,7 @@ class ShardStream(IterableDataset):
         batcher = None
         if self.spec.unique_captions:
             watch = [r for r, w in zip(readers_, mixer.weights) if w > 0] or readers_
-            pending = self._reread(readers_, state.get("pending", []))
+            pending = self._reread(readers_, state.get("pending", []), state.get("pending_at", []))
             batcher = UniqueBatcher(self.spec.batch_size, skips, pending, watch)
         batches = state["batches"]
         samples = self._samples(mixer, readers_, skips, guard)
@@ -320,11 +149,14 @@ class ShardStream(IterableDataset):
                 yield sample
 
     def _decode(self, raw: dict, origin: tuple[int, int, int], skips: SkipCounter) -> dict | None:
-        """Decode, tag with (source, epoch, position) and draw the caption variant of this epoch."""
+        """Decode, tag with (source, epoch, position) and its byte span, and draw the caption variant
+        of this epoch."""
         sample = decode_sample(raw, self.spec.decode, skips)
         if sample is None:
             return None
         sample["_epoch"], sample["_origin"] = origin[1], tuple(origin)
+        at = raw.get("__at__")
+        sample["_at"] = None if at is None else [*at, raw.get("_unit")]
         if "_unit" in raw:
             sample["_unit"] = raw["_unit"]
         own = sample["_own"] = sample["text"]
@@ -337,25 +169,14 @@ class ShardStream(IterableDataset):
         sample["_caption_keys"] = {caption_norm(sample["text"]), caption_norm(own)}
         return sample
 
-    def _reread(self, readers: list[_SourceReader], origins: list) -> list[dict]:
-        """The samples read at ``origins`` ((source, epoch, position)), decoded again, in order.
-
-        Each needed epoch stream is read again up to the last position wanted (tar bytes only; just
-        the wanted samples are decoded). Skips are not counted again: they were counted when the
-        samples were first read.
-        """
-        wanted: dict[tuple[int, int], set[int]] = {}
-        for src, epoch, pos in origins:
-            wanted.setdefault((src, epoch), set()).add(pos)
+    def _reread(self, readers: list[SourceReader], origins: list, spans: list) -> list[dict]:
+        """The samples read at ``origins`` ((source, epoch, position)), decoded again, in order: by
+        range reads of their byte ``spans`` where known, else by reading their epoch again
+        (:func:`vlp.data.readers.read_again`). Skips are not counted again: they were counted when
+        the samples were first read."""
         quiet = SkipCounter(examples_per_kind=0)
-        found = {}
-        for (src, epoch), positions in wanted.items():
-            r = readers[src]
-            stream = _SourceReader(r.urls, self.spec, r.reader, r.readers, quiet)._epoch_samples(epoch)
-            for pos, raw in enumerate(itertools.islice(stream, max(positions) + 1)):
-                if pos in positions:
-                    found[(src, epoch, pos)] = self._decode(raw, (src, epoch, pos), quiet)
-        samples = [found.get(tuple(o)) for o in origins]
+        raws = read_again(readers, [tuple(o) for o in origins], spans, quiet)
+        samples = [self._decode(raws[k], tuple(o), quiet) if k in raws else None for k, o in enumerate(origins)]
         if None in samples:
             log.warning("%d pending sample(s) could not be read again: have the shards changed?", samples.count(None))
         return [s for s in samples if s is not None]

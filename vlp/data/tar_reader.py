@@ -7,6 +7,12 @@ the members whose headers or data were damaged are lost, and each damaged region
 through ``on_damage(offset, why)`` (a sample that lost some of its files is then reported by the
 decoder as missing its image or caption).
 
+Each member and sample comes with the byte span it was read from (``start``: its first header, a
+GNU or PAX name record included; ``end``: past its padded data), so that a sample can be read again
+on its own, and a shard read on from the sample after it (:mod:`vlp.data.epoch_stream`). The spans
+of a gzip-compressed shard are None: its offsets are in the decompressed stream, where no read can
+seek.
+
 Nothing is ever written to disk: member names are data (``../x`` or ``/abs/x`` are only keys).
 Handles ustar / GNU / POSIX (PAX) archives: long names from ``L`` and ``x`` records, base-256
 sizes; gzip-compressed shards are decompressed on the fly. Links, directories and devices are
@@ -17,9 +23,18 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 BLOCK = 512
+
+
+class Member(NamedTuple):
+    """A regular file of the archive: its name, its bytes and the byte span ``[start, end)`` it took."""
+
+    name: str
+    data: bytes
+    start: int
+    end: int
 
 
 def _checksum_ok(header: bytes) -> bool:
@@ -98,16 +113,21 @@ class _Prefixed:
         return out
 
 
-def _open(f: BinaryIO):
+def _open(f: BinaryIO, detect_gzip: bool = True):
+    if not detect_gzip:
+        return f
     head = f.read(2)
     stream = _Prefixed(head, f)
     return gzip.GzipFile(fileobj=stream) if head == b"\x1f\x8b" else stream
 
 
-def tar_members(f: BinaryIO, on_damage: Callable[[int, str], None]) -> Iterator[tuple[str, bytes]]:
-    """``(name, data)`` of every regular file of the tar stream ``f``, damage skipped and reported."""
-    blocks = _Blocks(_open(f))
+def tar_members(f: BinaryIO, on_damage: Callable[[int, str], None], detect_gzip: bool = True) -> Iterator[Member]:
+    """Every regular file of the tar stream ``f``, damage skipped and reported; offsets count from the
+    first byte of ``f`` (of the decompressed stream for gzip). ``detect_gzip=False``: ``f`` is known
+    to be a plain tar (read from the middle of one, where the first bytes are no magic number)."""
+    blocks = _Blocks(_open(f, detect_gzip))
     long_name: str | None = None
+    named_at: int | None = None  # where the name record of the next member began
     resyncing = False
     while True:
         start = blocks.offset
@@ -126,7 +146,7 @@ def tar_members(f: BinaryIO, on_damage: Callable[[int, str], None]) -> Iterator[
             if not resyncing:
                 on_damage(start, "damaged header (bad checksum): scanning for the next member")
                 resyncing = True
-            long_name = None
+            long_name = named_at = None
             continue
         resyncing = False
         size, kind = _number(header[124:136]), header[156:157]
@@ -142,15 +162,17 @@ def tar_members(f: BinaryIO, on_damage: Callable[[int, str], None]) -> Iterator[
         if len(data) < size:
             on_damage(start, f"truncated: member {name!r} has {len(data)} of {size} bytes")
             return
+        if kind in (b"L", b"x") and named_at is None:
+            named_at = start
         if kind == b"L":  # GNU long name of the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
         elif kind == b"x":  # PAX header of the next member
             long_name = _pax_path(data) or long_name
         elif kind in (b"0", b"\0", b"7"):  # regular files
-            yield (long_name or name), data
-            long_name = None
+            yield Member(long_name or name, data, start if named_at is None else named_at, blocks.offset)
+            long_name = named_at = None
         else:  # directories, links, devices, global PAX headers: nothing to read
-            long_name = None
+            long_name = named_at = None
 
 
 def _key_ext(name: str) -> tuple[str, str] | None:
@@ -166,10 +188,33 @@ def tar_samples(f: BinaryIO, url: str, on_damage: Callable[[int, str], None]) ->
     """WebDataset samples (``{"__key__", "__url__", ext: bytes, ...}``) from consecutive members with
     the same key. Names like ``__meta__`` are skipped. A repeated extension within one key starts a
     new sample and is reported (a malformed shard), instead of ending the shard."""
+    for sample, _, _ in located_samples(f, url, on_damage):
+        yield sample
+
+
+def located_samples(
+    f: BinaryIO, url: str, on_damage: Callable[[int, str], None], base: int = 0
+) -> Iterator[tuple[dict, int | None, int | None]]:
+    """:func:`tar_samples` with the byte span of each sample in the shard: ``(sample, start, end)``,
+    from its first member's first header to the end of its last member's data. ``f`` starts at byte
+    ``base`` of the shard (a member's header there, or the end of the archive); damage offsets are
+    reported from the shard's start too. The spans of a gzip-compressed shard are None."""
+    stream = _open(f, detect_gzip=base == 0)  # from the middle of a shard: no magic number to look for
+    plain = not isinstance(stream, gzip.GzipFile)
+    shift = base if plain else 0
+
+    def damage(offset: int, why: str) -> None:
+        on_damage(offset + shift if offset >= 0 else offset, why)
+
+    def done(sample: dict, start: int, end: int) -> tuple[dict, int | None, int | None]:
+        return (sample, start + shift, end + shift) if plain else (sample, None, None)
+
     sample: dict | None = None
-    for name, data in tar_members(f, on_damage):
-        base = name.rsplit("/", 1)[-1]
-        if base.startswith("__") and base.endswith("__"):
+    start = end = 0
+    for member in tar_members(stream, damage, detect_gzip=False):
+        name = member.name
+        base_name = name.rsplit("/", 1)[-1]
+        if base_name.startswith("__") and base_name.endswith("__"):
             continue
         split = _key_ext(name)
         if split is None:
@@ -177,11 +222,11 @@ def tar_samples(f: BinaryIO, url: str, on_damage: Callable[[int, str], None]) ->
         key, ext = split
         if sample is not None and (sample["__key__"] != key or ext in sample):
             if ext in sample and sample["__key__"] == key:
-                on_damage(-1, f"member {name!r} repeats extension {ext!r} of sample {key!r}")
-            yield sample
+                damage(-1, f"member {name!r} repeats extension {ext!r} of sample {key!r}")
+            yield done(sample, start, end)
             sample = None
         if sample is None:
-            sample = {"__key__": key, "__url__": url}
-        sample[ext] = data
+            sample, start = {"__key__": key, "__url__": url}, member.start
+        sample[ext], end = member.data, member.end
     if sample is not None:
-        yield sample
+        yield done(sample, start, end)

@@ -66,4 +66,4 @@ class UniqueBatcher:
             )
 
     def state(self) -> dict:
-        return {"pending": [s["_origin"] for s in self.pending]}
+        return {"pending": [s["_origin"] for s in self.pending], "pending_at": [s.get("_at") for s in self.pending]}
