@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def load_model(path_or_name: str, model_name: str | None = None, device: str = "cpu", pretrained: str | None = None):
+def load_model(
+    path_or_name: str,
+    model_name: str | None = None,
+    device: str = "cpu",
+    pretrained: str | None = None,
+    weights: str = "live",
+):
     """Load a model for inference.
 
     ``path_or_name`` is any checkpoint :func:`vlp.checkpoint.kinds` reads (a vlp checkpoint or
@@ -17,14 +23,17 @@ def load_model(path_or_name: str, model_name: str | None = None, device: str = "
     ``HF_HUB_CACHE``). Returns ``(model, preprocess, tokenizer)``: ``model.encode_image(pixels)``
     and ``model.encode_text(token_ids)`` return L2-normalised features, ``preprocess`` maps a PIL
     image to a 3xHxW tensor with the preprocessing the weights prescribe, ``tokenizer(list[str])``
-    returns token ids.
+    returns token ids. ``weights="ema"`` loads a training checkpoint's moving average of its weights
+    (``train.ema``) instead of the live ones.
 
     Raises FileNotFoundError (no such file or architecture), CheckpointError (unreadable, unsafe,
     not fitting the architecture, an unknown tag, weights not in the cache while offline, a QuickGELU
-    mismatch, or a plain weights file without ``model_name``).
+    mismatch, a plain weights file without ``model_name``, or ``weights="ema"`` of weights without an EMA).
     """
     from vlp.checkpoint import resolve
+    from vlp.checkpoint.kinds import select_weights
     from vlp.checkpoint.published import HUB_PREFIX
+    from vlp.checkpoint.storage import is_remote
     from vlp.config import ModelConfig
     from vlp.models.registry import build, build_loaded, eval_preprocess
     from vlp.models.tokenizer import get_tokenizer
@@ -32,13 +41,24 @@ def load_model(path_or_name: str, model_name: str | None = None, device: str = "
     spec = str(path_or_name)
     path = Path(spec).expanduser()
     if pretrained or spec.startswith(HUB_PREFIX):
+        _live_only(weights, spec)
         name = model_name or (ModelConfig().name if spec.startswith(HUB_PREFIX) else spec)
         model, mcfg = build(ModelConfig(name=name, pretrained=str(pretrained or spec)))
-    elif path.exists():
-        model, mcfg = build_loaded(resolve(path, model_name))  # LoRA merged: the plain model, as exported
+    elif path.exists() or is_remote(spec):  # a remote checkpoint (s3://...) is downloaded once, verified
+        found = select_weights(resolve(spec if is_remote(spec) else path, model_name), weights)
+        model, mcfg = build_loaded(found)  # LoRA merged: the plain model, as exported
     elif "/" not in spec and not path.suffix and model_name in (None, spec):
+        _live_only(weights, spec)
         model, mcfg = build(spec)  # an architecture name: random weights
     else:
         raise FileNotFoundError(f"checkpoint not found: {path_or_name}")
     model = model.to(device).eval()
     return model, eval_preprocess(model), get_tokenizer(mcfg)
+
+
+def _live_only(weights: str, spec: str) -> None:
+    """Published weights and architectures hold no EMA: asking for one is a one-line error."""
+    from vlp.checkpoint import CheckpointError
+
+    if weights != "live":
+        raise CheckpointError(f"weights={weights!r}: {spec} is not a training checkpoint, so it holds no EMA weights")

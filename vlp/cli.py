@@ -27,6 +27,21 @@ def _add_train(sub) -> None:
         action="store_true",
         help="start fresh in an output_dir that holds another run's checkpoints, deleting them (train.overwrite)",
     )
+    p.add_argument(
+        "--dry-run",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PLAN.json",
+        help="train nothing: resolve and check the config and shard lists, print the plan (world size, global "
+        "batch, steps, epochs, samples seen, warm-up, checkpoint and eval cadence, memory per device) and write it "
+        "as JSON to PLAN.json (default: <train.output_dir>/plan.json); docs/recipes.md",
+    )
+    p.add_argument(
+        "--world-size",
+        type=positive_int,
+        help="with --dry-run: plan for N processes (default: WORLD_SIZE, else the recipe's nodes x GPUs, else 1)",
+    )
     # the DeepSpeed launcher appends --local_rank=N; the rank is read from LOCAL_RANK as well
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -117,7 +132,8 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "--dataset_root",
         "--dataset-root",
-        help="folder or URL of the --dataset, a template with CLIP_benchmark's keys: data/wds_{dataset_cleaned}",
+        help="folder, http(s):// or hf:// URL, or 'pipe:COMMAND PREFIX' of the --dataset; a template with "
+        "CLIP_benchmark's keys: data/wds_{dataset_cleaned}",
     )
     p.add_argument("--split", default="test", help="split of the --dataset (its {split}/nshards.txt)")
     p.add_argument(
@@ -216,6 +232,12 @@ def _add_export(sub) -> None:
     )
     p.add_argument("--out", required=True, help="output folder (created; a non-empty one needs --force)")
     p.add_argument("--model", help="architecture of an open_clip checkpoint file (vlp checkpoints carry theirs)")
+    p.add_argument(
+        "--weights",
+        choices=("live", "ema"),
+        default="live",
+        help="live: the trained weights; ema: a training checkpoint's moving average of them (train.ema)",
+    )
     p.add_argument("--force", action="store_true", help="write into a non-empty folder not made by vlp export")
     p.add_argument("--check", action="store_true", help="reload the export and print max abs differences")
 
@@ -240,6 +262,18 @@ def cmd_train(args) -> int:
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     overrides += ["train.overwrite=true"] if args.overwrite else []
     cfg = load_config(args.config, overrides)  # a config mistake is reported before torch is even imported
+    if args.dry_run is not None:
+        from vlp.train.plan_report import run_dry_run
+
+        return run_dry_run(cfg, args.config, args.dry_run, args.world_size)
+    if args.world_size:
+        raise ConfigError("--world-size plans a run (with --dry-run); the launcher sets the world size of a run")
+    from vlp.config.load import unexpanded
+
+    if left := unexpanded(cfg):
+        key, name = left[0]
+        raise ConfigError(f"{key} uses ${{{name}}}, which is not set in the environment: export {name}=... or "
+                          f"--set {key}=...")  # fmt: skip
 
     from vlp.distributed import shutdown
     from vlp.train.guards import EXIT_PREEMPTED
@@ -326,7 +360,7 @@ def cmd_export(args) -> int:
         raise ConfigError("vlp export: give --checkpoint CKPT or --pretrained WEIGHTS (with --model for a tag)")
     info = export_checkpoint(
         args.checkpoint or args.pretrained, args.format, args.out, model_name=args.model, force=args.force,
-        check=args.check, published=bool(args.pretrained),
+        check=args.check, published=bool(args.pretrained), weights=args.weights,
     )  # fmt: skip
     print(f"vlp: exported {info['architecture']} ({info['source_kind']}) as {args.format} to {args.out}:")
     print(f"vlp:   {', '.join(info['files'])} (+ export.json)")
@@ -365,6 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"vlp {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if type(e).__name__ != "StorageError":  # object storage still failing after the retries: one line
+            raise
+        print(f"vlp {args.command}: error: {e}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:  # Ctrl-C before training's own handler is installed (or outside training)
         print(f"vlp {args.command}: interrupted", file=sys.stderr)
         return 130

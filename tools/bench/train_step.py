@@ -24,7 +24,12 @@ batch, precision (``fp32`` or ``bf16`` autocast), lr / betas / eps / weight deca
 ``set_grad_checkpointing``), ``--patch-dropout P`` (vlp ``model.patch_dropout``, open_clip
 ``force_patch_dropout``), ``--compile`` (vlp ``train.compile``, open_clip ``torch.compile(model)``
 as ``--torchcompile`` does). The repeats alternate which side runs first. ``--vs-base`` adds a
-third side, vlp without those options, to measure what they buy (``speedup_vs_base``).
+third side, vlp without those options, to measure what they buy (``speedup_vs_base``). ``--ema``
+adds vlp with a weight EMA (``train.ema.decay=0.9999``: one fp32 ``_foreach_lerp_`` over the
+trainable weights after each step), the same weights and batch: ``ema_cost`` = its step time over
+vlp's without it (> 1: what the average costs), and ``ema_update_ms``, the update alone (median
+of 3 x 5 updates; ``ema_update_share``: over vlp's step time), which stays measurable where the
+ratio is within the noise of long steps.
 
 Columns: samples/s of each side, ratio = vlp / open_clip (> 1: vlp faster), first step (warm-up
 incl. compilation), model TFLOP/s = samples/s x 3 x forward FLOPs per sample (forward counted by
@@ -37,7 +42,7 @@ Run from the repository root:
     python tools/bench/train_step.py                        # CPU: debug (B 256) and ViT-B-32 (B 16), fp32
     python tools/bench/train_step.py --device cuda          # GPU: ViT-B-32, B 256, bf16, MFU
     python tools/bench/train_step.py --quick --json /tmp/ts.json    # debug, B 16, seconds
-Other options: --models, --batch, --steps S, --repeats R, --warmup W, --precision, --threads T, --vs-base,
+Other options: --models, --batch, --steps S, --repeats R, --warmup W, --precision, --threads T, --vs-base, --ema,
 --set KEY=VALUE (vlp config overrides, e.g. train.max_bad_steps=0), --retries K. The default CPU
 run takes about 5 minutes on 2 cores. The table goes to stdout, progress to stderr; --json PATH
 writes the rows, the environment and ``ratio_vs_open_clip`` (vlp / open_clip samples/s of
@@ -79,6 +84,7 @@ from tools.bench.common import (
 REPO = Path(__file__).resolve().parents[2]
 SEED = 0
 HEADLINE_MODEL = "ViT-B-32"
+EMA_DECAY = 0.9999
 # dense bf16 tensor-core peaks, TFLOP/s, matched against torch.cuda.get_device_name (first match wins)
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4), ("A100", 312.0))
 DEFAULTS = {  # (batch, steps per repeat, repeats)
@@ -102,6 +108,7 @@ class Case:
     patch_dropout: float = 0.0
     compile: bool = False
     vs_base: bool = False  # also time vlp without the three options above
+    ema: bool = False  # also time vlp with train.ema on
     threads: int = 0
     overrides: tuple[str, ...] = ()
 
@@ -257,6 +264,10 @@ def measure(case: Case) -> dict:
         if case.vs_base:
             plain = dataclasses.replace(case, grad_checkpointing=False, patch_dropout=0.0, compile=False)
             sides["vlp_base"] = vlp_runner(vlp_trainer(plain, str(Path(out_dir, "base"))))
+        if case.ema:  # the same step with the weight EMA updated after it
+            with_ema = dataclasses.replace(case, overrides=(*case.overrides, f"train.ema.decay={EMA_DECAY}"))
+            ema_trainer = vlp_trainer(with_ema, str(Path(out_dir, "ema")))
+            sides["vlp_ema"] = vlp_runner(ema_trainer)
         first = {name: timed_run(fn, case.warmup) for name, fn in sides.items()}
         times = {name: [] for name in sides}
         for r in range(case.repeats):
@@ -265,6 +276,9 @@ def measure(case: Case) -> dict:
         result = {"times_s": times, "warmup_s": first, "threads": torch.get_num_threads()}
         result["flops_per_sample"] = 3 * forward_flops_per_sample(trainer.model, case, device)
         result["params"] = sum(p.numel() for p in trainer.model.parameters())
+        if case.ema:  # the update alone, 5 at a time: where steps are long the step-time ratio is within noise
+            update = lambda n: [ema_trainer.ema.after_step(1) for _ in range(n)]  # noqa: E731
+            result["ema_update_s"] = median([timed_run(update, 5) / 5 for _ in range(3)])
         if device.type == "cuda":
             result["vlp_syncs"] = count_cuda_syncs(lambda: trainer.train_step([vlp_batch]))
             result["gpu"] = torch.cuda.get_device_name(device)
@@ -311,6 +325,10 @@ def make_row(case: Case, result: dict, busy: float | None, args) -> dict:
     row["ratio"] = row["vlp"]["samples_per_s"] / row["open_clip"]["samples_per_s"]
     if "vlp_base" in row:
         row["speedup_vs_base"] = row["vlp"]["samples_per_s"] / row["vlp_base"]["samples_per_s"]
+    if "vlp_ema" in row:  # step time with the EMA over step time without it
+        row["ema_cost"] = row["vlp"]["samples_per_s"] / row["vlp_ema"]["samples_per_s"]
+        row["ema_update_ms"] = 1e3 * result["ema_update_s"]
+        row["ema_update_share"] = result["ema_update_s"] / (case.batch / row["vlp"]["samples_per_s"])
     row["peak_tflops"] = peak
     if "vlp_syncs" in result:
         row["vlp_syncs_per_step"] = result["vlp_syncs"]
@@ -386,9 +404,14 @@ def report(rows: list[dict], env: dict, args) -> dict:
     for row in rows:
         if row["status"] != "ok":
             print(f"{row['model']}: {row['status']}")
-        elif "vlp_syncs_per_step" in row:
+            continue
+        if "vlp_syncs_per_step" in row:
             syncs = row["vlp_syncs_per_step"]
             print(f"{row['model']}: vlp step host syncs: {len(syncs)}" + (f" ({syncs[0]})" if syncs else ""))
+        if "ema_cost" in row:
+            sps, cost, share = row["vlp_ema"]["samples_per_s"], row["ema_cost"], 100 * row["ema_update_share"]
+            print(f"{row['model']}: weight EMA (decay {EMA_DECAY}): {sps:.2f} samples/s, step time {cost:.3f}x; "
+                  f"the update alone {row['ema_update_ms']:.2f} ms, {share:.2f}% of a step")  # fmt: skip
     lines = target_lines(rows)
     print("\n".join(lines))
     return {"env": env, "args": vars(args), "rows": rows, **headline(rows), "targets": lines}
@@ -402,6 +425,7 @@ def plan(args) -> list[Case]:
     threads = args.threads if args.threads is not None else (1 if args.quick else 0)
     options = dict(grad_checkpointing=args.grad_checkpointing, patch_dropout=args.patch_dropout, compile=args.compile)
     options["vs_base"] = args.vs_base and any(options.values())
+    options["ema"] = args.ema
     cases = []
     for model in models:
         batch, steps, repeats = (16, 2, 1) if args.quick else DEFAULTS.get((device, model), (16, 2, 3))
@@ -425,6 +449,7 @@ def parse_args(argv=None):
     p.add_argument("--patch-dropout", type=float, default=0.0, help="both sides: FLIP patch dropout fraction")
     p.add_argument("--compile", action="store_true", help="vlp train.compile; open_clip torch.compile(model)")
     p.add_argument("--vs-base", action="store_true", help="with an option above: also time vlp without it")
+    p.add_argument("--ema", action="store_true", help="also time vlp with a weight EMA (train.ema); prints its cost")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; quick 1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="vlp config override")
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak for MFU (default: by name)")

@@ -105,7 +105,7 @@ def consolidated_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], 
                 sd = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
         except Exception as e:
             raise CheckpointError(f"{tag}: cannot read the DeepSpeed checkpoint ({e})") from None
-    client = {k: v for k, v in states.items() if k in ("format", "vlp_version", "step", "config", "world")}
+    client = {k: v for k, v in states.items() if k in ("format", "vlp_version", "step", "config", "world", "ema")}
     return {k.removeprefix("module."): v.detach() for k, v in sd.items()}, client
 
 

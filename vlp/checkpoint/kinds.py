@@ -36,6 +36,7 @@ from vlp.checkpoint.files import CheckpointError, extract_state_dict, is_vlp_che
 from vlp.checkpoint.fsdp import fsdp_tag
 from vlp.checkpoint.fsdp import read_as_vlp_checkpoint as read_fsdp
 from vlp.checkpoint.safetensors_meta import model_config_in
+from vlp.checkpoint.storage import fetch, is_remote
 from vlp.config import ConfigError, ModelConfig, PreprocessConfig, config_from_dict
 
 KINDS = (
@@ -82,6 +83,8 @@ def resolve(path: str | Path, model_name: str | None = None) -> Resolved:
         ArchitectureNeeded: a plain weights file and no ``model_name``.
         CheckpointError: unreadable, unsafe to unpickle, or a saved config that does not parse.
     """
+    if is_remote(path):  # s3://, gs://, ...: a verified local copy (vlp.checkpoint.storage)
+        path = fetch(str(path))
     path = Path(path)
     if path.is_dir() and ((path / "open_clip_config.json").is_file() or hf_clip.model_type(path) is not None):
         return _published_folder(path, model_name)
@@ -154,3 +157,29 @@ def architecture_only(mcfg: ModelConfig) -> ModelConfig:
     vision = dataclasses.replace(mcfg.vision, weights="")
     text = dataclasses.replace(mcfg.text, pretrained=False)
     return dataclasses.replace(mcfg, pretrained="", vision=vision, text=text)
+
+
+WEIGHTS = ("live", "ema")
+
+
+def select_weights(found: Resolved, weights: str = "live") -> Resolved:
+    """``found`` with the weights asked for: ``live``, the trained weights as they are, or ``ema``,
+    the moving average of the trainable weights a training checkpoint holds (``train.ema``; its
+    ``state["ema"]["weights"]``) over the checkpoint's frozen weights and buffers.
+
+    Raises CheckpointError (one line): an unknown choice, or ``ema`` of a checkpoint without one.
+    """
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"weights={weights!r}: choose one of {', '.join(WEIGHTS)}")
+    if weights == "live":
+        return found
+    saved = (found.checkpoint or {}).get("ema")
+    if not saved:
+        why = "trained without train.ema" if found.checkpoint is not None else f"a {found.kind}, not a training one"
+        raise CheckpointError(f"{found.path}: no EMA weights in this checkpoint ({why}); use the live weights")
+    sd = dict(found.state_dict)
+    for name, value in saved["weights"].items():
+        if name not in sd:
+            raise CheckpointError(f"{found.path}: its EMA holds {name}, which its model does not have")
+        sd[name] = value.reshape(sd[name].shape)
+    return dataclasses.replace(found, state_dict=sd)

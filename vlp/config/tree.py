@@ -302,6 +302,39 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class EMAConfig:
+    decay: float = _f(
+        0.0,
+        "Decay d of an exponential moving average of the trainable weights, kept in fp32 beside them: "
+        "ema = d * ema + (1 - d) * weights after each update (e.g. 0.9999; 0 = off). Saved in checkpoints, "
+        "evaluated beside the live weights (`eval_ema/...`), exported with `vlp export --weights ema` "
+        "(docs/cloud.md).",
+    )
+    warmup: int = _f(
+        0,
+        "Optimizer steps before the EMA starts: at step `warmup` it is set to the weights, then averaged "
+        "(0 = it starts from the initial weights).",
+    )
+    every: int = _f(
+        1, "Average at every N-th optimizer step (the multiples of N after `warmup`); `decay` applies per update."
+    )
+
+
+@dataclass
+class WandbConfig:
+    project: str = _f("", "W&B project ('' = `WANDB_PROJECT`, else `vlp`).")
+    entity: str = _f("", "W&B team or user that owns the project ('' = `WANDB_ENTITY`, else your default).")
+    name: str = _f("", "Display name of the W&B run ('' = the last part of `train.output_dir`).")
+    group: str = _f("", "W&B group of the run, e.g. an ablation's name ('' = none).")
+    tags: list[str] = _f([], "Tags of the W&B run.")
+    mode: Literal["", "online", "offline"] = _f(
+        "",
+        "`online`: upload while training; `offline`: only the run files under `<output_dir>/wandb` (or "
+        "`WANDB_DIR`), uploaded later with `wandb sync` ('' = `WANDB_MODE`, else online).",
+    )
+
+
+@dataclass
 class TrainConfig:
     steps: int = _f(1000, "Optimizer steps to run (ignored when `epochs` > 0).")
     epochs: float = _f(0.0, "If > 0, run this many epochs of `data.samples_per_epoch` instead of `steps`.")
@@ -324,6 +357,7 @@ class TrainConfig:
         "and optimizer state sharded over the processes).",
     )
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     dist_timeout_s: int = _f(1800, "Timeout of collective operations in seconds (a dead rank fails the others).")
     compile: bool = _f(
         False,
@@ -336,11 +370,28 @@ class TrainConfig:
         "Steps with a non-finite loss or gradient norm are skipped and counted; this many in a row stop the run "
         "naming the last good checkpoint (0 = no check, which saves one host-device sync per step).",
     )
-    output_dir: str = _f("runs/default", "Run folder: config, metrics.jsonl, TensorBoard, checkpoints.")
+    output_dir: str = _f(
+        "runs/default",
+        "Run folder: config, metrics.jsonl, TensorBoard, checkpoints. A local path or any fsspec URL "
+        "(`s3://bucket/run`, `gs://...`): a remote run is written to `staging_dir` first and uploaded after each "
+        "checkpoint (docs/cloud.md).",
+    )
+    staging_dir: str = _f(
+        "",
+        "With a remote `output_dir`: the local folder the run is written to before upload ('' = "
+        "~/.cache/vlp/staging/<name>-<hash>, or under $VLP_CACHE). Keep it on a disk with room for two checkpoints.",
+    )
     seed: int = _f(0, "Seed of the model init, data order and augmentation.")
     checkpoint_every: int = _f(500, "Write a checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _f(3, "Keep the newest N step checkpoints.")
     log_every: int = _f(10, "Log loss and throughput every N steps.")
+    report_to: list[Literal["tensorboard", "wandb"]] = _f(
+        ["tensorboard"],
+        "Where the metrics go besides `metrics.jsonl` (always written): `tensorboard` (`<output_dir>/tensorboard`), "
+        "`wandb` (Weights & Biases, see `train.wandb`; `pip install 'vlp[wandb]'`); `[]` = metrics.jsonl only. "
+        "Only the main rank logs; a resumed run continues its W&B run.",
+    )
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     eval_every: int = _f(0, "Run the eval tasks every N steps (0 = only at the end).")
     val_every: int = _f(
         0,
@@ -350,7 +401,7 @@ class TrainConfig:
     early_stopping_patience: int = _f(
         0, "With `val_every`: stop after this many validations without improvement (0 = never stop early)."
     )
-    resume: str = _f("", "`latest` or a checkpoint path to resume from ('' = start fresh).")
+    resume: str = _f("", "`latest` or a checkpoint path or URL to resume from ('' = start fresh).")
     overwrite: bool = _f(
         False,
         "Start fresh in an output_dir that holds another run's checkpoints, deleting them, its metrics.jsonl and "

@@ -41,6 +41,7 @@ def export_model(source: ExportSource, fmt: str, out: str | Path, *, force: bool
         "source": str(source.path),
         "source_kind": source.kind,
         "architecture": source.name,
+        "weights": source.weights,
         "loads_with": LOADS_WITH[fmt].format(out=out),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -67,10 +68,14 @@ def export_checkpoint(
     force: bool = False,
     check: bool = False,
     published: bool = False,
+    weights: str = "live",
 ) -> dict:
     """``vlp export``: :func:`load_source` (``published``: :func:`load_published`, ``checkpoint``
-    being a pretrained value) then :func:`export_model`; see them for what is raised."""
+    being a pretrained value) then :func:`export_model`; see them for what is raised. ``weights``:
+    ``live`` or ``ema`` (a training checkpoint's ``train.ema`` average, in every format)."""
     if fmt not in FORMATS:  # before the (possibly large) checkpoint is read
         raise ExportError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
-    source = load_published(checkpoint, model_name) if published else load_source(checkpoint, model_name)
+    if published and weights != "live":
+        raise ExportError(f"--weights {weights}: published weights have no EMA; it is a training checkpoint's")
+    source = load_published(checkpoint, model_name) if published else load_source(checkpoint, model_name, weights)
     return export_model(source, fmt, out, force=force, check=check)

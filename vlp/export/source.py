@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from vlp.checkpoint import ArchitectureNeeded, NotACheckpoint, resolve
+from vlp.checkpoint.kinds import select_weights
 from vlp.config import ModelConfig
 from vlp.export.errors import ExportError
 
@@ -29,6 +30,7 @@ class ExportSource:
     model_cfg: ModelConfig
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    weights: str = "live"  # or "ema": a training checkpoint's moving average of its weights (train.ema)
 
     @property
     def name(self) -> str:
@@ -39,17 +41,20 @@ class ExportSource:
         return self.model.state_dict()
 
 
-def load_source(path: str | Path, model_name: str | None = None) -> ExportSource:
+def load_source(path: str | Path, model_name: str | None = None, weights: str = "live") -> ExportSource:
     """Read ``path`` safely (safetensors or ``torch.load(weights_only=True)``) and rebuild its model.
 
     ``path`` is any checkpoint :func:`vlp.checkpoint.kinds` reads: a vlp checkpoint file or
     DeepSpeed folder (architecture from its saved config), a ``model.safetensors`` written by ``vlp
     export --format safetensors`` (from its metadata), or an open_clip checkpoint file
     (``model_name`` required, e.g. ``ViT-B-32``; it also overrides the architecture the others carry).
+    ``weights``: ``live`` (as trained) or ``ema`` (the checkpoint's ``train.ema`` average; see
+    :func:`vlp.checkpoint.kinds.select_weights`).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        CheckpointError: unreadable, unsafe to unpickle, or weights that do not fit the architecture.
+        CheckpointError: unreadable, unsafe to unpickle, weights that do not fit the architecture, or
+            ``ema`` asked of a checkpoint without an EMA.
         ExportError: a folder that is not a DeepSpeed checkpoint, or a plain weights file without ``model_name``.
     """
     from vlp.models.registry import build_loaded
@@ -63,9 +68,9 @@ def load_source(path: str | Path, model_name: str | None = None) -> ExportSource
             f"{path} is not a vlp checkpoint (no 'format': 'vlp-checkpoint-v1') nor a vlp safetensors "
             "export; for an open_clip checkpoint file pass --model NAME, its architecture (e.g. ViT-B-32)"
         ) from None
-    model, mcfg = build_loaded(found)  # exported as the plain model: LoRA adapters merged
+    model, mcfg = build_loaded(select_weights(found, weights))  # exported as the plain model: LoRA merged
     pp = mcfg.preprocess
-    return ExportSource(found.path, found.kind, model.eval(), mcfg, tuple(pp.mean), tuple(pp.std))
+    return ExportSource(found.path, found.kind, model.eval(), mcfg, tuple(pp.mean), tuple(pp.std), weights)
 
 
 def load_published(pretrained: str, model_name: str | None = None) -> ExportSource:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from vlp.train.ema import ModuleWeights
+
 
 class TrainingBackend:
     """The interface (a base class: its defaults are a single process's)."""
@@ -74,6 +76,11 @@ class TrainingBackend:
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Put back weights from :meth:`trainable_state` (the best ones, after validation)."""
         self.model.load_state_dict(state, strict=False)
+
+    def ema_weights(self):
+        """The trainable fp32 weights as this rank holds them, for the weight EMA (:mod:`vlp.train.ema`):
+        the module's parameters (whole, or FSDP2's shards)."""
+        return ModuleWeights(self.model, self.env.is_main)
 
     def close(self) -> None:
         """Release what the backend holds (nothing by default)."""

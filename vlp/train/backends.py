@@ -18,6 +18,7 @@ import torch.distributed as dist
 from vlp.config import ConfigError
 from vlp.distributed import DistEnv, current, init_process, launcher_env, resolve_device
 from vlp.train.backend_api import TrainingBackend
+from vlp.train.ema import check_supported as ema_supported
 from vlp.train.plain_backend import PlainBackend
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ def _init_deepspeed(train_cfg, world: int, local_rank: int, device: torch.device
 def check_supported(cfg, extra_captions: bool, teacher: bool) -> None:
     """ConfigError (one line) for what ``train.backend`` cannot train; called before any process
     group starts, so a refused run leaves nothing behind."""
+    ema_supported(cfg)  # train.ema
     if cfg.model.lora.rank and cfg.train.backend == "deepspeed" and cfg.train.deepspeed.zero_stage == 3:
         raise ConfigError(
             "train.deepspeed.zero_stage=3 with model.lora: LoRA adds its update to the attention weights inside "

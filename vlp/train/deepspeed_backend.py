@@ -26,6 +26,7 @@ from vlp.checkpoint.deepspeed import BACKEND, import_deepspeed, weights_only_loa
 from vlp.checkpoint.step_folders import StepFolderCheckpointer
 from vlp.config import Config, ConfigError
 from vlp.train.backend_api import TrainingBackend
+from vlp.train.ema import MasterWeights
 
 
 def check_supported(cfg: Config, stage: int) -> None:
@@ -228,6 +229,10 @@ class DeepSpeedBackend(TrainingBackend):
         fp32 inputs autocast."""
         with gathered(self.engine, self.model.parameters()), self.autocast():
             yield self.model
+
+    def ema_weights(self):
+        """The fp32 master weights (this rank's fragments under ZeRO 1/2), not the module's bf16/fp16 copy."""
+        return MasterWeights(self.engine, self.model, self.env.group, self.env.is_main)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return master_state(self.model)  # the fp32 master weights, not the module's bf16/fp16 copy

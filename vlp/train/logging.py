@@ -1,32 +1,37 @@
-"""Run logging: metrics.jsonl (always), TensorBoard (when installed), a tqdm bar on terminals."""
+"""Run logging: metrics.jsonl (always), the trackers of ``train.report_to`` (TensorBoard, W&B:
+:mod:`vlp.train.tracking`), a tqdm bar on terminals."""
 
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from vlp.train.tracking import Tracking
 
 
 class MetricsLogger:
-    """Writes one JSON object per ``log()`` call to ``folder/metrics.jsonl`` (main rank only)."""
+    """Writes one JSON object per ``log()`` call to ``folder/metrics.jsonl`` and passes it on to the
+    trackers of ``tracking`` (main rank only: ``enabled``)."""
 
-    def __init__(self, folder: Path, enabled: bool, total_steps: int, progress: str = "auto", start_step=0):
+    def __init__(
+        self,
+        folder: Path,
+        enabled: bool,
+        total_steps: int,
+        progress: str = "auto",
+        start_step=0,
+        tracking: Tracking | None = None,
+    ):
         self.enabled = enabled
         self.path = Path(folder) / "metrics.jsonl"
-        self.tb = None
+        self.tracking = tracking if enabled else None
         self.bar = None
         if not enabled:
             return
         self._truncate_after(start_step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(Path(folder) / "tensorboard"))
-        except ImportError:
-            log.warning("tensorboard is not installed: logging to metrics.jsonl only")
+        if self.tracking is not None:
+            self.tracking.open(folder)
         show = progress == "on" or (progress == "auto" and sys.stderr.isatty())
         if show:
             from tqdm import tqdm
@@ -52,10 +57,8 @@ class MetricsLogger:
         record = {"step": step, **metrics}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
+        if self.tracking is not None:
+            self.tracking.log(step, metrics)
         if self.bar is not None and "loss" in metrics:
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
 
@@ -63,11 +66,12 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.update(n)
 
-    def close(self) -> None:
+    def close(self, preempted: bool = False) -> None:
+        """Close the bar and finish the trackers (``preempted``: stopped by a signal, to be resumed)."""
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        if self.tracking is not None:
+            self.tracking.close(preempted)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

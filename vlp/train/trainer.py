@@ -25,13 +25,16 @@ from vlp.models.towers import trainable_count
 from vlp.train import backends, run_folder
 from vlp.train.data import build_train_loader, image_policy, resolve_total_steps
 from vlp.train.data_counts import DataCounts
+from vlp.train.ema import build_ema
 from vlp.train.feature_cache import CachedBatches, CachedHeads, build_feature_cache, cache_supported, fingerprint
 from vlp.train.guards import NonFiniteGuard, StopRequested, StopSignals
 from vlp.train.logging import MetricsLogger
 from vlp.train.optim import build_optimizer, build_scheduler
+from vlp.train.remote_outputs import RemoteRun, fetched
 from vlp.train.resume_state import check_resumable, data_state_of_rank, rng_states, set_rng_states
 from vlp.train.step import forward_backward
 from vlp.train.teacher import TeacherStep, needs_teacher
+from vlp.train.tracking import Tracking
 from vlp.train.validation import CachedRetrieval, StreamRetrieval, Validator
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ class Trainer:
         self.env = env or backends.init_distributed(cfg.train)
         t, dev = cfg.train, self.env.device
         self._check_settings()
+        self.tracking = Tracking(cfg)  # train.report_to (wandb requested but not installed: stop now)
         self.eval_specs = self._load_eval_specs()
         _seed_everything(t.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
         # the weights' architecture and preprocessing go into the config every checkpoint saves
@@ -76,7 +80,9 @@ class Trainer:
         self.teacher_step = TeacherStep(self.model, cfg, self.env) if needs_teacher(cfg.loss) else None
         self.teacher = self.teacher_step.teacher if self.teacher_step else None
         self.objective = Objective(cfg.loss, teacher=self.teacher)
-        self.out_dir = Path(t.output_dir)
+        self.remote = RemoteRun.of(t, self.env)  # an fsspec URL: written to a local staging folder, then uploaded
+        self.out_dir = self.remote.staging if self.remote else Path(t.output_dir)
+        self.outputs_at = self.remote.url if self.remote else str(self.out_dir)
         self.backend = backends.build_backend(
             cfg,
             self.env,
@@ -89,6 +95,7 @@ class Trainer:
         )
         self.optimizer, self.scheduler = self.backend.optimizer, self.backend.scheduler
         self.checkpointer = self.backend.checkpointer
+        self.ema = build_ema(t.ema, self.backend)  # train.ema (vlp.train.ema); a no-op when off
         if self.env.is_main and (line := self.backend.describe()):
             print(f"vlp: {line}", flush=True)
         self.step = 0
@@ -203,13 +210,17 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
     def train(self) -> dict:
         t = self.cfg.train
-        run_folder.claim(self.out_dir, t.resume, t.overwrite, self.env.is_main)  # never over another run's files
+        if self.remote:
+            self.remote.claim(t.resume, t.overwrite)
+        self.resume = self.remote.local_resume(t.resume) if self.remote else fetched(t.resume)
+        run_folder.claim(self.out_dir, self.resume, t.overwrite, self.env.is_main)  # never over another run's files
         if self.env.is_main:  # unwritable or full: stop now, not at the first checkpoint
             run_folder.check_space(self.out_dir, self.model, self.teacher is not None)
         data_state = self.maybe_resume()
         self.loader = self._build_loader(data_state)
         self._prepare_output()  # only once every check has passed: a rejected start leaves the run as it was
-        self.logger = MetricsLogger(self.out_dir, self.env.is_main, self.total_steps, t.progress, start_step=self.step)
+        self.logger = MetricsLogger(self.out_dir, self.env.is_main, self.total_steps, t.progress, start_step=self.step,
+                                    tracking=self.tracking)  # fmt: skip
         batches = iter(self.loader)
         t0, seen = time.perf_counter(), 0
         self.signals.install()  # SIGTERM / SIGINT: finish the step, checkpoint, exit (guards.py)
@@ -254,16 +265,18 @@ class Trainer:
         trained = self.step > 0
         if trained and not self._checkpoint_is_current():
             self.save_checkpoint(data_state)
-        self.logger.close()
+        self.logger.close(preempted=True)
+        if self.remote:  # the last upload: a failure is one line naming the local copy
+            self.remote.finish()
         if self.env.is_main:
             name = signal.Signals(self.signals.received).name if self.signals.received else "a signal on another rank"
             done = f"checkpoint {self.last_checkpoint}" if trained else "no step was trained, nothing to checkpoint"
             print(
                 f"vlp: preempted by {name} after step {self.step}: {done}; "
-                f"continue with --resume latest (outputs in {self.out_dir})",
+                f"continue with --resume latest (outputs in {self.outputs_at})",
                 flush=True,
             )
-        return {"step": self.step, "checkpoint": str(self.last_checkpoint), "output_dir": str(self.out_dir),
+        return {"step": self.step, "checkpoint": str(self.last_checkpoint), "output_dir": self.outputs_at,
                 "preempted": True}  # fmt: skip
 
     def _checkpoint_is_current(self) -> bool:
@@ -293,6 +306,8 @@ class Trainer:
         updated = self.backend.step(loss, self.guard, self.step, self.last_checkpoint)
         if updated and self.teacher_step is not None:
             self.teacher_step.after_step(self.model, micro_batches)
+        if updated:  # the step just taken: self.step counts it once this returns
+            self.ema.after_step(self.step + 1)
         return loss, terms, updated
 
     def _autocast(self):
@@ -327,13 +342,15 @@ class Trainer:
         from vlp.eval.run import evaluate_tasks, flat_metrics
 
         self.last_eval_step = self.step
-        ctx = self.eval_context(self.out_dir / "eval")
-        # every rank extracts its share of the features; all get the same results
-        with self.full_model() as model:
-            raw = evaluate_tasks(model, self.tokenizer, self.eval_specs, ctx)
-        results = {**flat_metrics(raw), **suite_averages(self.eval_suites, raw)}
-        self.eval_results.append({"step": self.step, **results})
-        self.logger.log(self.step, {f"eval/{k}": v for k, v in results.items()})
+        found = {}  # "eval": the live weights; with train.ema also "eval_ema": the EMA's
+        for prefix, weights in self.ema.weight_sets(self.full_model):
+            # every rank extracts its share of the features; all get the same results
+            with weights() as model:
+                raw = evaluate_tasks(model, self.tokenizer, self.eval_specs, self.eval_context(self.out_dir / prefix))
+            found[prefix] = {**flat_metrics(raw), **suite_averages(self.eval_suites, raw)}
+        results, ema = found["eval"], {f"ema/{k}": v for k, v in found.get("eval_ema", {}).items()}
+        self.eval_results.append({"step": self.step, **results, **ema})
+        self.logger.log(self.step, {f"{p}/{k}": v for p, r in found.items() for k, v in r.items()})
         return results
 
     def maybe_checkpoint(self, force: bool = False) -> None:
@@ -348,6 +365,8 @@ class Trainer:
                 )  # fmt: skip
 
     def save_checkpoint(self, data_state: dict | None = None) -> Path:
+        if self.remote:  # the previous checkpoint's upload ends before retention may delete its file
+            self.remote.before_save()
         rng = all_gather_objects(rng_states(self.env.device), self.env)
         data = all_gather_objects(data_state or self.loader.state_dict(), self.env)
         state = training_state(
@@ -358,19 +377,23 @@ class Trainer:
             data=data,
             validation=self.validator.state_dict(),
             guard=self.guard.state_dict(),
+            tracking=self.tracking.state_dict(),
         )
         if self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
         state.update(self.backend.model_state())  # {} where the backend's checkpointer saves them itself
+        state.update(self.ema.checkpoint_state())  # train.ema's weights, gathered (a collective)
         try:
             path = self.checkpointer.save(self.step, state)
         finally:  # also when the write failed: the other ranks wait here
             barrier(self.env)
         self.last_checkpoint = path
+        if self.remote:
+            self.remote.after_save(path)
         return path
 
     def maybe_resume(self) -> dict | None:
-        which = self.cfg.train.resume
+        which = self.resume
         if not which:
             return None
         found = self.checkpointer.load(which)
@@ -382,9 +405,11 @@ class Trainer:
         path, state = found
         check_resumable(path, state, self.cfg.model.name)
         self.backend.load_model_state(state, path, self.cfg.model.name)
+        self.ema.load(state, path)
         self.step = int(state["step"])
         self.validator.load_state_dict(state.get("validation"))
         self.guard.load_state_dict(state.get("guard"))
+        self.tracking.load_state_dict(state.get("tracking"))
         if self.teacher is not None:
             if "teacher" not in state:
                 raise CheckpointError(f"{path}: has no momentum teacher (trained without one); start a new output_dir")
@@ -415,18 +440,20 @@ class Trainer:
         if restored or self.last_eval_step != self.step:  # the same decision on every rank (barriers)
             self.maybe_evaluate(force=True)
         self.logger.close()
+        if self.remote:  # the last upload: a failure is one line naming the local copy
+            self.remote.finish()
         skipped, truncated = self.data_counts.totals(self.loader)
         summary = {
             "step": self.step,
             "checkpoint": str(self.last_checkpoint),
-            "output_dir": str(self.out_dir),
+            "output_dir": self.outputs_at,
             "skipped": skipped,
             "truncated_captions": truncated,
             "eval": self.eval_results[-1] if self.eval_results else {},
             **self.validator.summary(),
         }
         if self.env.is_main:
-            print(f"vlp: trained {self.step} steps; outputs in {self.out_dir} (checkpoint {self.last_checkpoint})")
+            print(f"vlp: trained {self.step} steps; outputs in {self.outputs_at} (checkpoint {self.last_checkpoint})")
             if summary["skipped"]:
                 print(f"vlp: skipped bad data: {summary['skipped']}")
             if truncated:
