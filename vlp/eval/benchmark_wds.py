@@ -35,6 +35,7 @@ import io
 import subprocess
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -48,6 +49,9 @@ TASK_OF_TYPE = {
     "retrieval": "zeroshot_retrieval",
 }
 HF_DATASETS = "https://huggingface.co/datasets/"
+# DataComp's tasks that are no WebDataset: read from the Hugging Face `datasets` cache its
+# download_evalsets.py leaves (DATA/hf_cache), by the task named here (vlp/eval/winogavil.py)
+HF_CACHE_TASKS = {"misc/winogavil": "winogavil"}
 PIPE = "pipe:"
 PIPE_TIMEOUT_S = 600
 
@@ -64,6 +68,7 @@ class BenchmarkDataset:
     name: str
     metadata: str
     tars: str
+    base: str = ""  # the folder of the root before its first key: DataComp's data folder, holding hf_cache/
 
     @property
     def short(self) -> str:
@@ -93,7 +98,8 @@ def locate(name: str, root: str) -> BenchmarkDataset:
     if folder.startswith(HF_DATASETS) and "/tree/" in folder:
         head, _, rest = folder.partition("/tree/")
         return BenchmarkDataset(name, f"{head}/raw/{rest}", f"{head}/resolve/{rest}")
-    return BenchmarkDataset(name, folder, folder)
+    base = (root[: root.index("{")].rpartition("/")[0] or ".") if "{" in root else folder
+    return BenchmarkDataset(name, folder, folder, base)
 
 
 def _read(location: str, required: bool = True) -> str | None:
@@ -147,6 +153,10 @@ def dataset_type(ds: BenchmarkDataset) -> str:
 
 
 def shard_urls(ds: BenchmarkDataset, split: str) -> list[str]:
+    if ds.short in HF_CACHE_TASKS:  # its Arrow files (DatasetMissing when not there)
+        from vlp.eval.winogavil import find_arrow_files
+
+        return [str(f) for f in find_arrow_files([ds.metadata, ds.base], split)]
     where = f"{ds.metadata}/{split}/nshards.txt"
     text = _read(where)
     try:
@@ -159,7 +169,7 @@ def shard_urls(ds: BenchmarkDataset, split: str) -> list[str]:
 
 
 def default_task(ds: BenchmarkDataset) -> str:
-    return TASK_OF_TYPE[dataset_type(ds)]
+    return HF_CACHE_TASKS.get(ds.short) or TASK_OF_TYPE[dataset_type(ds)]
 
 
 def load(ds: BenchmarkDataset, task: str, split: str = "test", classnames=None, templates=None) -> EvalData:
@@ -169,6 +179,12 @@ def load(ds: BenchmarkDataset, task: str, split: str = "test", classnames=None, 
     from vlp.data.decode import SkipCounter
     from vlp.eval.datasets import _shard_rows, load_classnames, spool_for
 
+    if ds.short in HF_CACHE_TASKS:
+        from vlp.eval.winogavil import read_winogavil
+
+        if task != HF_CACHE_TASKS[ds.short]:
+            raise EvalDataError(f"{ds.name}: read by the task {HF_CACHE_TASKS[ds.short]} only, not {task}")
+        return read_winogavil([Path(f) for f in shard_urls(ds, split)], ds.name)
     urls = shard_urls(ds, split)
     skips, spool = SkipCounter(), spool_for(urls)
     if task == "zeroshot_retrieval":
