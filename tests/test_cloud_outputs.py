@@ -152,7 +152,7 @@ def test_storage_gone_keeps_the_local_copy_and_a_resume_uploads_it(s3_server, sh
     bucket = s3_server.bucket()
     url = f"s3://{bucket}/run"
     staging = tmp_path / "staging"
-    env = _env(s3_server, VLP_STORAGE_RETRIES="2", VLP_STORAGE_BACKOFF="0.1")
+    env = _env(s3_server, VLP_STORAGE_RETRIES="2", VLP_STORAGE_BACKOFF="0.1", AWS_MAX_ATTEMPTS="1")
     cmd = [sys.executable, "-m", "vlp.cli", "train", *_sets(shapes_shards, url, staging)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _paused(proc, s3_server, bucket, "run/checkpoints/latest")
@@ -172,8 +172,8 @@ def test_storage_gone_keeps_the_local_copy_and_a_resume_uploads_it(s3_server, sh
 def test_unreachable_storage_at_start_is_one_line(s3_server, shapes_shards, tmp_path):
     bucket = s3_server.bucket()
     s3_server.proxy.cut()
-    proc = run_main("train", *_sets(shapes_shards, f"s3://{bucket}/run", tmp_path / "s"), check=False,
-                    env={"VLP_STORAGE_RETRIES": "2", "VLP_STORAGE_BACKOFF": "0.1"})  # fmt: skip
+    fail_fast = {"VLP_STORAGE_RETRIES": "2", "VLP_STORAGE_BACKOFF": "0.1", "AWS_MAX_ATTEMPTS": "1"}
+    proc = run_main("train", *_sets(shapes_shards, f"s3://{bucket}/run", tmp_path / "s"), check=False, env=fail_fast)
     assert proc.returncode == 4
     errors = [line for line in proc.stderr.splitlines() if line.startswith("vlp train: error:")]
     assert len(errors) == 1 and f"s3://{bucket}/run" in errors[0] and "after 2 tries" in errors[0]
