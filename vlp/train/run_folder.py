@@ -107,11 +107,12 @@ def check_writable(folder: Path, need_bytes: int = 0) -> None:
         )
 
 
-def check_space(out_dir: Path, model, with_teacher: bool) -> None:
+def check_space(out_dir: Path, model, with_teacher: bool, with_ema: bool = False) -> None:
     """ConfigError now, not at the first checkpoint hours later, if ``out_dir`` cannot take two
-    checkpoints (weights, two AdamW moments and a teacher copy in fp32; two coexist during a save)."""
+    checkpoints (weights, two AdamW moments, a teacher copy and the weight EMA in fp32; two coexist
+    during a save)."""
     n = sum(p.numel() for p in model.parameters())
     try:
-        check_writable(out_dir / "checkpoints", 2 * 4 * n * (3 + with_teacher))
+        check_writable(out_dir / "checkpoints", 2 * 4 * n * (3 + with_teacher + with_ema))
     except OSError as e:
         raise ConfigError(str(e)) from None

@@ -215,7 +215,7 @@ class Trainer:
         self.resume = self.remote.local_resume(t.resume) if self.remote else fetched(t.resume)
         run_folder.claim(self.out_dir, self.resume, t.overwrite, self.env.is_main)  # never over another run's files
         if self.env.is_main:  # unwritable or full: stop now, not at the first checkpoint
-            run_folder.check_space(self.out_dir, self.model, self.teacher is not None)
+            run_folder.check_space(self.out_dir, self.model, self.teacher is not None, bool(t.ema.decay))
         data_state = self.maybe_resume()
         self.loader = self._build_loader(data_state)
         self._prepare_output()  # only once every check has passed: a rejected start leaves the run as it was
