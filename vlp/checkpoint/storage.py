@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from vlp.checkpoint.files import CheckpointError
+from vlp.checkpoint.step_folders import MARKER
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-MARKER = "vlp_complete.json"  # vlp.checkpoint.step_folders.MARKER (that module imports torch-free helpers from here)
 
 
 class StorageError(OSError):

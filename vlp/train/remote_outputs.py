@@ -29,8 +29,8 @@ import re
 import threading
 from pathlib import Path
 
+from vlp.checkpoint.step_folders import MARKER
 from vlp.checkpoint.storage import (
-    MARKER,
     StorageError,
     Store,
     complete_remote,
@@ -102,9 +102,9 @@ class RemoteRun:
                 "continue that run with --resume latest, replace it with --overwrite, or choose another "
                 "train.output_dir"
             )
-        if self.env.is_main:
-            run_files = [r for r in self.store.files() if r.split("/", 1)[0] in ("checkpoints", "tensorboard")]
-            self.store.delete(run_files + (["metrics.jsonl"] if "metrics.jsonl" in self.store.files() else []))
+        if self.env.is_main:  # the files run_folder.remove_run_files deletes locally
+            self.store.delete([r for r in self.store.files() if r == "metrics.jsonl" or r.split("/", 1)[0] in
+                               ("checkpoints", "tensorboard")])  # fmt: skip
         if self.env.local_rank == 0:
             remove_run_files(self.staging)
         barrier(self.env)
@@ -119,13 +119,7 @@ class RemoteRun:
         if not resume:
             return resume
         if resume != "latest" and not self._inside(resume):
-            if is_remote(resume):
-                from vlp.checkpoint.storage import fetch
-
-                path = fetch(resume) if self.env.local_rank == 0 else None
-                barrier(self.env)
-                return str(path or fetch(resume))
-            return resume
+            return fetched(resume, self.env)
         folder = self.staging / "checkpoints"
         if self.env.is_main and resume == "latest":
             self.push()  # an earlier attempt's checkpoints that never reached the storage go first
@@ -214,7 +208,8 @@ class RemoteRun:
         files, then the remote checkpoints retention removed locally. Raises StorageError."""
         folder = self.staging / "checkpoints"
         local = _local_complete(folder)
-        remote = set(complete_remote(self.store.files("checkpoints"), ""))
+        listed = self.store.files("checkpoints")
+        remote = set(complete_remote(listed, ""))
         for path in local:
             if path.name not in remote:
                 self._put_folder(path, with_marker=True) if path.is_dir() else self._put_file(path)
@@ -225,14 +220,10 @@ class RemoteRun:
         if local:
             newest = step_of(local[-1])
             names = {p.name for p in local}
-            gone = [r for r in sorted(remote) if r not in names and step_of(Path(r)) < newest]
-            self.store.delete(self._objects_of(gone))
-
-    def _objects_of(self, names: list[str]) -> list[str]:
-        if not names:
-            return []
-        files = self.store.files("checkpoints")
-        return [f"checkpoints/{rel}" for rel in files if rel.split("/", 1)[0].removesuffix(".sha256") in names]
+            gone = {r for r in remote if r not in names and step_of(Path(r)) < newest}
+            # every object of those checkpoints (file, checksum; a folder's files), from the listing above
+            self.store.delete([f"checkpoints/{rel}" for rel in listed
+                               if rel.split("/", 1)[0].removesuffix(".sha256") in gone])  # fmt: skip
 
     def _put_file(self, path: Path) -> None:
         self.store.put(path, f"checkpoints/{path.name}")
@@ -271,10 +262,13 @@ class RemoteRun:
             )
 
 
-def fetched(resume: str) -> str:
-    """``train.resume`` of a run with a local folder: a remote checkpoint URL is downloaded first."""
-    if resume and is_remote(resume):
-        from vlp.checkpoint.storage import fetch
+def fetched(resume: str, env) -> str:
+    """``train.resume`` as a local path: a remote checkpoint URL is downloaded first (by local rank 0
+    of each node; the other ranks then find the verified copy in the cache)."""
+    if not (resume and is_remote(resume)):
+        return resume
+    from vlp.checkpoint.storage import fetch
 
-        return str(fetch(resume))
-    return resume
+    path = fetch(resume) if env.local_rank == 0 else None
+    barrier(env)
+    return str(path or fetch(resume))

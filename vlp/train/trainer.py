@@ -212,7 +212,7 @@ class Trainer:
         t = self.cfg.train
         if self.remote:
             self.remote.claim(t.resume, t.overwrite)
-        self.resume = self.remote.local_resume(t.resume) if self.remote else fetched(t.resume)
+        self.resume = self.remote.local_resume(t.resume) if self.remote else fetched(t.resume, self.env)
         run_folder.claim(self.out_dir, self.resume, t.overwrite, self.env.is_main)  # never over another run's files
         if self.env.is_main:  # unwritable or full: stop now, not at the first checkpoint
             run_folder.check_space(self.out_dir, self.model, self.teacher is not None, bool(t.ema.decay))
