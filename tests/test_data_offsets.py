@@ -3,23 +3,19 @@ reading the epoch again, and sees batch for batch what a re-reading resume and a
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import gzip
-import http.server
 import io
 import itertools
 import json
 import random
-import re
 import tarfile
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import good_sample, write_tar
+from tests.range_server import serve
 from vlp.data.decode import SkipCounter
 from vlp.data.epoch_stream import EpochStream, unpack_items
 from vlp.data.shard_io import samples_at, shard_samples
@@ -123,60 +119,6 @@ def test_restored_from_any_position_hands_out_the_rest(tmp_path, pairs):
 # the stream: seek, re-read and uninterrupted see the same batches
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    request_queue_size = 64  # concurrent range reads queue, not time out (http.server's default is 5)
-
-
-class _RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Files of ``root``, with ``Range`` requests answered (206) when ``ranges``; counts bytes sent."""
-
-    disable_nagle_algorithm = True  # headers and body at once: no delayed-ACK stall per request
-
-    def __init__(self, *args, root: Path, ranges: bool, sent: list, **kw):
-        self.root, self.ranges, self.sent = root, ranges, sent
-        super().__init__(*args, **kw)
-
-    def do_GET(self):  # noqa: N802 - http.server's name
-        path = self.root / self.path.lstrip("/")
-        if not path.is_file():
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "") if self.ranges else None
-        start, end = 0, len(data)
-        if wanted:
-            start, end = int(wanted[1]), min(len(data), int(wanted[2]) + 1 if wanted[2] else len(data))
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.end_headers()
-                return
-        self.send_response(206 if wanted else 200)
-        if wanted:
-            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
-        self.send_header("Content-Length", str(end - start))
-        self.end_headers()
-        with contextlib.suppress(OSError):  # a reader that stops early closes its end
-            self.wfile.write(data[start:end])
-            self.sent[0] += end - start
-
-    def log_message(self, *args):
-        pass
-
-
-@contextlib.contextmanager
-def _http(root: Path, ranges=True):
-    sent = [0]
-    handler = functools.partial(_RangeHandler, root=root, ranges=ranges, sent=sent)
-    server = _Server(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", sent
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def _loader(pattern, state=None, workers=0, **kw):
     options = {"batch_size": 8, "shuffle_buffer": 20, "seed": 3, **kw}
     spec = StreamSpec(sources=[expand_urls(pattern)], **options)
@@ -259,7 +201,7 @@ def _stream(patterns, state=None, **kw):
 @pytest.mark.parametrize("ranges", [True, False])
 def test_http_resume_range_reads_and_matches(tmp_path, ranges):
     _shards(tmp_path)
-    with _http(tmp_path, ranges) as (root, sent):
+    with serve(tmp_path, ranges) as (root, sent):
         pattern = root + "/shard-{000000..000003}.tar"
         # one reader: stop late in the epoch (80 of 96 samples) and count the bytes each resume fetches
         state = resumes_agree(pattern, stop=10, total=12)

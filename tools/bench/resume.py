@@ -28,13 +28,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
-import http.server
 import io
 import multiprocessing
 import os
 import random
-import re
 import sys
 import tarfile
 import tempfile
@@ -82,49 +79,14 @@ def write_shards(folder: Path, shards: int, per_shard: int, size: int, distinct:
     return paths
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    request_queue_size = 64  # concurrent range reads queue, not time out (http.server's default is 5)
-
-
-class RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Files of ``root``, answering ``Range: bytes=a-b`` with 206; adds the bytes it sends to ``sent``
-    (a ``multiprocessing.Value``)."""
-
-    disable_nagle_algorithm = True  # headers and body go out at once, as a production server sends them
-
-    def __init__(self, *args, root: Path, sent, **kw):
-        self.root, self.sent = root, sent
-        super().__init__(*args, **kw)
-
-    def do_GET(self):  # noqa: N802 - http.server's name
-        path = self.root / self.path.lstrip("/")
-        if not path.is_file():
-            self.send_error(404)
-            return
-        size = path.stat().st_size
-        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
-        start, end = (int(wanted[1]), min(size, int(wanted[2]) + 1 if wanted[2] else size)) if wanted else (0, size)
-        self.send_response(206 if wanted else 200)
-        if wanted:
-            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
-        self.send_header("Content-Length", str(end - start))
-        self.end_headers()
-        with open(path, "rb") as f, contextlib.suppress(OSError):  # a reader that stops early closes its end
-            f.seek(start)
-            left = end - start
-            while left:
-                chunk = f.read(min(left, 1 << 20))
-                self.wfile.write(chunk)
-                with self.sent.get_lock():
-                    self.sent.value += len(chunk)
-                left -= len(chunk)
-
-    def log_message(self, *args):
-        pass
-
-
 def _serve_http(root: Path, sent, conn) -> None:
-    server = _Server(("127.0.0.1", 0), functools.partial(RangeHandler, root=root, sent=sent))
+    from tests.range_server import make_server
+
+    def count(n: int) -> None:
+        with sent.get_lock():
+            sent.value += n
+
+    server = make_server(root, count)
     conn.send(server.server_port)
     server.serve_forever()
 

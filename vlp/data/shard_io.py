@@ -51,6 +51,11 @@ def _fsspec_protocols() -> frozenset[str]:
     return frozenset(fsspec.available_protocols())
 
 
+def is_url(url: str) -> bool:
+    """Whether ``url`` is a URL (``scheme://...``) or a ``pipe:`` command rather than a local path."""
+    return "://" in url or url.startswith("pipe:")
+
+
 def scheme(url: str) -> str:
     """``local``, ``http``, ``fsspec`` or ``gopen``: how :func:`open_shard` reads ``url``."""
     if url.startswith("pipe:"):

@@ -19,15 +19,11 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from vlp.data.shard_io import fsspec_check, scheme
+from vlp.data.shard_io import fsspec_check, is_url, scheme
 
 
 class DataConfigError(ValueError):
     """Shard lists that cannot work; raised before any data is read."""
-
-
-def _is_remote(url: str) -> bool:
-    return "://" in url or url.startswith("pipe:")
 
 
 def expand_urls(patterns: list[str] | str, key: str = "data.train_shards") -> list[str]:
@@ -40,7 +36,7 @@ def expand_urls(patterns: list[str] | str, key: str = "data.train_shards") -> li
             if scheme(url) == "fsspec":
                 urls.extend(_fsspec_urls(url, pattern, key))
                 continue
-            if _is_remote(url):
+            if is_url(url):
                 urls.append(url)
                 continue
             matches = sorted(glob.glob(url)) if any(c in url for c in "*?[") else [url]
@@ -94,7 +90,7 @@ def read_sizes(urls: list[str]) -> int | None:
     None if any is unknown."""
     total, cache = 0, {}
     for url in urls:
-        if _is_remote(url) and scheme(url) != "fsspec":
+        if is_url(url) and scheme(url) != "fsspec":
             return None
         folder, name = url.rsplit("/", 1) if "/" in url else (".", url)
         if folder not in cache:

@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 
 from vlp.config import ConfigError
+from vlp.data.shard_io import is_url
 
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 HEADER = "# plan:"
@@ -69,10 +70,6 @@ def resolve_backend(backend: str, world: int) -> str:
     return backend
 
 
-def _is_remote(url: str) -> bool:
-    return "://" in url or url.startswith("pipe:")
-
-
 def check_shards(patterns: list[str], key: str) -> dict:
     """What ``patterns`` expand to and which of those local files exist (never raises)."""
     from braceexpand import braceexpand
@@ -81,7 +78,7 @@ def check_shards(patterns: list[str], key: str) -> dict:
     for pattern in patterns:
         names.update(PLACEHOLDER.findall(pattern))
         for url in braceexpand(pattern):
-            if _is_remote(url):
+            if is_url(url):
                 listed, remote = listed + 1, remote + 1
             elif any(ch in url for ch in "*?["):
                 matches = sorted(glob.glob(url))
@@ -224,12 +221,12 @@ def _eval_data(cfg, problems: Problems, environ) -> dict:
     tasks = [f"{task} on {path}" for task, path in zip(e.tasks, paths)]
     out = {"tasks": tasks, "datasets": list(e.datasets), "dataset_root": e.dataset_root, "split": e.split}
     for path in e.data:  # (data.val_shards, their default, are checked with the training shards)
-        if not _is_remote(path) and not all(Path(p).exists() for p in _expand(path)):
+        if not is_url(path) and not all(Path(p).exists() for p in _expand(path)):
             problems.add("missing", f"eval.data: {path} not found")
     names = PLACEHOLDER.findall(e.dataset_root)
     if e.datasets and names:
         problems.add("missing", _placeholder_message("eval.dataset_root", names, environ))
-    elif e.datasets and _is_remote(e.dataset_root):
+    elif e.datasets and is_url(e.dataset_root):
         out["checked"] = "remote root: not read by the plan"
     elif e.datasets:
         from vlp.eval.datasets import EvalDataError
