@@ -79,7 +79,7 @@ def _local_path(url: str) -> str:
     return url2pathname(urlparse(url).path) if url.startswith("file://") else url
 
 
-def _fsspec(url: str):
+def fsspec_fs(url: str):
     """``(filesystem, path)``; a fresh lookup each time: fsspec's instances are per process, and a
     DataLoader worker is a forked process."""
     from fsspec.core import url_to_fs
@@ -105,7 +105,7 @@ def open_shard(url: str, offset: int = 0) -> BinaryIO:
             f.seek(offset)
         return f
     if kind == "fsspec":
-        fs, path = _fsspec(url)
+        fs, path = fsspec_fs(url)
         f = fs.open(path, "rb", block_size=FSSPEC_BLOCK)
         if offset:
             f.seek(offset)
@@ -169,7 +169,7 @@ def read_spans(url: str, spans: list[tuple[int, int]]) -> list[bytes]:
 def _fetch(url: str, spans: list[list[int]]) -> list[bytes]:
     kind = scheme(url)
     if kind == "fsspec":
-        fs, path = _fsspec(url)
+        fs, path = fsspec_fs(url)
         blobs = fs.cat_ranges([path] * len(spans), [s for s, _ in spans], [e for _, e in spans], on_error="raise")
         return list(blobs)
     if kind == "local":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from vlp.data.shard_io import fsspec_check, is_url, scheme
+from vlp.data.shard_io import fsspec_check, fsspec_fs, is_url, scheme
 
 
 class DataConfigError(ValueError):
@@ -60,9 +60,7 @@ def _fsspec_urls(url: str, pattern: str, key: str) -> list[str]:
         raise DataConfigError(f"{key}: cannot read '{pattern}': {e}") from None
     if not any(c in url.split("://", 1)[1] for c in "*?["):
         return [url]
-    from fsspec.core import url_to_fs
-
-    fs, path = url_to_fs(url)
+    fs, path = fsspec_fs(url)
     protocol = url.split("://", 1)[0]
     matches = [f"{protocol}://{m}" for m in sorted(fs.glob(path))]
     if not matches:
@@ -73,11 +71,9 @@ def _fsspec_urls(url: str, pattern: str, key: str) -> list[str]:
 def _sizes_beside(url: str) -> dict:
     """The ``sizes.json`` in the folder of ``url`` (local or fsspec), or {}."""
     if scheme(url) == "fsspec":
-        from fsspec.core import url_to_fs
-
         folder = url.rsplit("/", 1)[0]
         try:
-            fs, path = url_to_fs(f"{folder}/sizes.json")
+            fs, path = fsspec_fs(f"{folder}/sizes.json")
             return json.loads(fs.cat_file(path))
         except Exception:  # noqa: BLE001 - no readable sizes.json: the epoch length is unknown, not an error
             return {}
