@@ -296,3 +296,24 @@ def test_train_step_benchmark_measures_the_ema(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["vlp_ema"]["samples_per_s"] > 0 and row["ema_cost"] > 0 and row["ema_update_ms"] > 0
     assert "EMA" in proc.stdout
+
+
+def test_a_step_the_fp16_grad_scaler_skips_leaves_the_ema_alone(tmp_path):
+    trainer = _trainer(tmp_path / "run", "data.batch_size=8", "model.precision=fp16")
+    scaler = trainer.backend.scaler
+    assert scaler.is_enabled()
+    trainer.train_step([_batch(trainer, 8, seed=1)])
+    before_live = _trainable(trainer.model)
+    before_ema = {k: v.clone() for k, v in trainer.ema.full_state().items()}  # (the EMA's own tensors)
+    scaler.update(new_scale=3e38)  # the scaled loss's gradients overflow: the scaler skips the update
+    _, _, updated = trainer.train_step([_batch(trainer, 8, seed=2)])
+    assert updated  # the step counts (the schedule moves on), as open_clip counts it
+    assert scaler.get_scale() < 3e38 and not trainer.backend.step_applied
+    _assert_close(_trainable(trainer.model), before_live, atol=0)
+    _assert_close(trainer.ema.full_state(), before_ema, atol=0)
+    scaler.update(new_scale=2.0**10)  # a finite step again: the EMA moves on
+    trainer.train_step([_batch(trainer, 8, seed=3)])
+    live = _trainable(trainer.model)
+    want = {k: DECAY * before_ema[k].reshape(v.shape) + (1 - DECAY) * v for k, v in live.items()}
+    assert trainer.backend.step_applied
+    _assert_close(trainer.ema.full_state(), want, atol=1e-6)

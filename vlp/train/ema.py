@@ -4,11 +4,12 @@
   splits them: whole tensors for one process and DDP (every rank the same), FSDP2's shards of the
   sharded parameters, ZeRO-1/2's fragments of the optimizer's fp32 master weights (the module's
   bf16/fp16 copies are never averaged). A backend says which through ``ema_weights()``.
-- Updated after an optimizer step that changed the weights (a skipped non-finite step, or a
-  DeepSpeed fp16 overflow, does not update it), with one ``torch._foreach_lerp_`` over the pieces:
-  ``ema <- ema + (1 - decay) * (weights - ema)``. ``warmup``: the EMA starts at optimizer step
-  ``warmup``, set to the weights then (0: the initial weights); ``every``: it is averaged at the
-  steps after that which are multiples of ``every``, ``decay`` applying per update.
+- Updated after an optimizer step that changed the weights (a skipped non-finite step, a step
+  the fp16 GradScaler skipped, or a DeepSpeed fp16 overflow, does not update it), with one
+  ``torch._foreach_lerp_`` over the pieces: ``ema <- ema + (1 - decay) * (weights - ema)``.
+  ``warmup``: the EMA starts at optimizer step ``warmup``, set to the weights then (0: the initial
+  weights); ``every``: it is averaged at the steps after that which are multiples of ``every``,
+  ``decay`` applying per update.
 - Saved in every checkpoint as ``state["ema"] = {"decay", "warmup", "every", "weights": {name:
   full fp32 tensor}}`` (gathered from the shards; the trainable parameters only: frozen weights
   and buffers are the checkpoint's own), restored exactly on resume.
@@ -187,7 +188,8 @@ class ModuleWeights:
     """The trainable parameters of a module that keeps them in fp32 (one process, DDP, FSDP2): whole
     tensors, or for FSDP2's DTensors this rank's shard of each."""
 
-    def __init__(self, model: torch.nn.Module, is_main: bool = True):
+    def __init__(self, model: torch.nn.Module, is_main: bool = True, applied=None):
+        self._applied = applied  # () -> whether the last optimizer step changed the weights; None: always
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         low = [(n, p.dtype) for n, p in named if p.dtype != torch.float32]
         if low:
@@ -198,7 +200,7 @@ class ModuleWeights:
         return [p.detach().to_local() if _is_dtensor(p) else p.detach() for p in self.params]
 
     def applied(self) -> bool:
-        return True
+        return self._applied is None or bool(self._applied())
 
     def gather(self, pieces: list) -> dict[str, torch.Tensor]:
         from torch.distributed.tensor import DTensor

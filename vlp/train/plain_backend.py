@@ -12,6 +12,7 @@ import torch
 from vlp.checkpoint import load_state_dict_checked
 from vlp.checkpoint.writing import Checkpointer
 from vlp.train.backend_api import TrainingBackend
+from vlp.train.ema import ModuleWeights
 
 
 class PlainBackend(TrainingBackend):
@@ -31,6 +32,7 @@ class PlainBackend(TrainingBackend):
             self.module = torch.compile(self.module)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.model.precision == "fp16")
         self.checkpointer = Checkpointer(out_dir / "checkpoints", t.keep_checkpoints, env.is_main)
+        self.step_applied = True  # whether the last step changed the weights (see step)
 
     def prepare(self, micro_batches: list[dict]) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -56,12 +58,20 @@ class PlainBackend(TrainingBackend):
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()
             return False
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        # the GradScaler skipped the update (inf/nan gradients) exactly when it lowered the scale; a
+        # host read after the one its own inf check made. The step still counts, as open_clip counts it.
+        self.step_applied = scale is None or self.scaler.get_scale() >= scale
         self.scheduler.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(self.logit_scale_max))
         return True
+
+    def ema_weights(self):
+        """The module's trainable weights; the EMA is not updated after a step the GradScaler skipped."""
+        return ModuleWeights(self.model, self.env.is_main, applied=lambda: self.step_applied)
 
     def model_state(self) -> dict:
         return {
